@@ -1,0 +1,35 @@
+"""ray_elastic: elastic, fault-tolerant PyTorch training on Ray where survivors never restart."""
+
+from ray_elastic.api import RunResult, run
+from ray_elastic.context import TrainContext, get_context, report
+from ray_elastic.errors import (
+    ConfigError,
+    CoordinatorLostError,
+    ElasticError,
+    FailureInfo,
+    NotEnoughNodesError,
+    RunAbortedError,
+    RunNameInUseError,
+    TrainingFailedError,
+)
+from ray_elastic.sampler import ElasticSampler
+from ray_elastic.state import State
+
+__all__ = [
+    "ConfigError",
+    "CoordinatorLostError",
+    "ElasticError",
+    "ElasticSampler",
+    "FailureInfo",
+    "NotEnoughNodesError",
+    "RunAbortedError",
+    "RunNameInUseError",
+    "RunResult",
+    "State",
+    "TrainContext",
+    "TrainingFailedError",
+    "get_context",
+    "report",
+    "run",
+]
+__version__ = "0.1.0"

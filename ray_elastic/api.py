@@ -1,0 +1,241 @@
+"""`ray_elastic.run`: the front door."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ray import cloudpickle
+import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ray_elastic.config import RunConfig, validate
+from ray_elastic.coordinator.actor import Coordinator
+from ray_elastic.coordinator.controller import RunSummary
+from ray_elastic.errors import ConfigError, CoordinatorLostError
+from ray_elastic.events import Event, RoundRecord
+from ray_elastic.placement import check_feasible, cluster_nodes
+from ray_elastic.progress import make_progress
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns.
+
+    Attributes:
+        return_values: train_fn's return value per rank of the final round.
+        metrics: the last metrics reported by rank 0.
+        restarts: restarts spent (failures; scale-ups are free).
+        rounds: history of rounds: (round_id, world_size, num_nodes, started_at, cause).
+        events: every transition as a structured event.
+        metrics_history: rank 0's reports with time, round id and world size.
+    """
+
+    return_values: list[Any]
+    metrics: dict[str, Any] | None
+    restarts: int
+    rounds: list[RoundRecord]
+    events: list[Event] = field(default_factory=list)
+    metrics_history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = ""
+
+
+def _find_unpicklable(fn: Callable[..., Any]) -> str | None:
+    """Name the captured object that stops train_fn from pickling, if one can be found."""
+    try:
+        captured = inspect.getclosurevars(fn)
+    except (TypeError, ValueError):
+        return None
+    for kind, names in (("closure variable", captured.nonlocals), ("global", captured.globals)):
+        for name, value in names.items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception as exc:  # noqa: BLE001 - any pickling failure is the answer
+                return f"{kind} {name!r} ({type(value).__name__}): {exc}"
+    return None
+
+
+def _pickle_train_fn(train_fn: Callable[..., Any], train_config: Any) -> bytes:
+    if not callable(train_fn):
+        raise ConfigError(f"train_fn must be callable, got {type(train_fn).__name__}.")
+    module = sys.modules.get(getattr(train_fn, "__module__", "") or "")
+    by_value = module is not None and module.__name__ != "__main__" and "site-packages" not in (
+        getattr(module, "__file__", "") or ""
+    )
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps((train_fn, train_config))
+    except Exception as exc:  # noqa: BLE001 - reported with the culprit
+        culprit = _find_unpicklable(train_fn)
+        where = f" It captures {culprit}." if culprit else ""
+        raise ConfigError(
+            f"train_fn cannot be pickled to send to workers: {exc}.{where} Create that object inside "
+            f"train_fn instead of capturing it."
+        ) from exc
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _connect(ray_address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(runtime_env=env, include_dashboard=False)
+
+
+def run(
+    train_fn: Callable[..., Any],
+    *,
+    config: Any = None,
+    min_nodes: int = 1,
+    max_nodes: int | None = None,
+    nproc_per_node: int = 1,
+    max_restarts: int = 3,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 2,
+    wait_for_nodes_timeout_s: float = 60.0,
+    hang_timeout_s: float | None = 300.0,
+    abort_timeout_s: float = 5.0,
+    join_debounce_s: float = 0.5,
+    collective_timeout_s: float = 1800.0,
+    backend: str | None = None,
+    event_log_path: str | None = None,
+    progress: str = "auto",
+    ray_address: str | None = None,
+) -> RunResult:
+    """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
+
+    Args:
+        train_fn: called on every worker as `train_fn(config)` (or `train_fn()`), with the
+            default process group initialized; called again after each membership change.
+        config: passed to train_fn.
+        min_nodes, max_nodes: node count range (max defaults to min).
+        nproc_per_node: workers per node.
+        max_restarts: failures tolerated (-1: unlimited). Scale-ups are free.
+        use_gpu: one GPU per worker, nccl backend.
+        resources_per_worker: Ray resources of one worker (default {"CPU": 1}).
+        storage_path, name, resume, checkpoint_every, keep_checkpoints: durable checkpoints.
+        wait_for_nodes_timeout_s: how long to wait below min_nodes before failing.
+        hang_timeout_s: a round with no commit/report for this long is treated as hung (None: off).
+        abort_timeout_s: how long an aborted worker may take to leave its round before it is killed.
+        join_debounce_s: a burst of joining nodes settles for this long before one re-form.
+        collective_timeout_s: torch.distributed timeout (the last resort; aborts come first).
+        backend: "gloo" or "nccl" (default: nccl with use_gpu, else gloo).
+        event_log_path: also write events as JSON lines here.
+        progress: "auto", "bar", "log" or "none".
+        ray_address: cluster to connect to (default: RAY_ADDRESS, else a local Ray).
+
+    Returns:
+        RunResult of the final round.
+
+    Raises:
+        ConfigError: bad input, before any actor starts.
+        TrainingFailedError: the run failed; names the first failure and the budget spent.
+        RunAbortedError: interrupted.
+    """
+    run_id = name or f"run-{uuid.uuid4().hex[:8]}"
+    cfg = validate(
+        RunConfig(
+            run_id=run_id,
+            min_nodes=min_nodes,
+            max_nodes=min_nodes if max_nodes is None else max_nodes,
+            nproc_per_node=nproc_per_node,
+            max_restarts=max_restarts,
+            use_gpu=use_gpu,
+            backend=backend,
+            resources_per_worker=dict(resources_per_worker or {}),
+            storage_path=storage_path,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            wait_for_nodes_timeout_s=wait_for_nodes_timeout_s,
+            hang_timeout_s=hang_timeout_s,
+            abort_timeout_s=abort_timeout_s,
+            join_debounce_s=join_debounce_s,
+            collective_timeout_s=collective_timeout_s,
+            event_log_path=event_log_path,
+        )
+    )
+    if progress not in ("auto", "bar", "log", "none"):
+        raise ConfigError(f"progress must be 'auto', 'bar', 'log' or 'none', got {progress!r}.")
+    blob = _pickle_train_fn(train_fn, config)
+    checkpointer = None
+    if cfg.storage_path:
+        from ray_elastic.checkpoint import Checkpointer
+
+        checkpointer = Checkpointer.for_run(cfg)
+    _connect(ray_address)
+    check_feasible(cfg, cluster_nodes())
+    coordinator = (
+        ray.remote(Coordinator)
+        .options(
+            num_cpus=0,
+            max_concurrency=8,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        )
+        .remote(cfg, blob, checkpointer)
+    )
+    summary = _drive(coordinator, cfg, make_progress(progress))
+    if summary.error is not None:
+        raise summary.error
+    return RunResult(
+        return_values=summary.return_values,
+        metrics=summary.metrics,
+        restarts=summary.restarts,
+        rounds=summary.rounds,
+        events=summary.events,
+        metrics_history=summary.metrics_history,
+        run_id=run_id,
+    )
+
+
+def _drive(coordinator: Any, cfg: RunConfig, display: Any) -> RunSummary:
+    """Wait for the coordinator, showing progress; tear everything down on any exit."""
+    run_ref = coordinator.run.remote()
+    seen = 0
+    try:
+        while True:
+            done, _ = ray.wait([run_ref], timeout=display.interval_s)
+            try:
+                snapshot = ray.get(coordinator.progress.remote(seen), timeout=5)
+                seen += len(snapshot["events"])
+                display.update(snapshot)
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            if done:
+                break
+        try:
+            return ray.get(run_ref)
+        except RayActorError as exc:
+            raise CoordinatorLostError(
+                f"the coordinator of run {cfg.run_id!r} died ({str(exc).splitlines()[0]}); its workers "
+                f"were torn down. Run again with resume=True and the same name to continue from storage"
+            ) from exc
+    except BaseException:
+        coordinator.abort.remote("driver interrupted")
+        deadline = time.monotonic() + cfg.abort_timeout_s + 5
+        while time.monotonic() < deadline:
+            done, _ = ray.wait([run_ref], timeout=0.2)
+            if done:
+                break
+        raise
+    finally:
+        display.close()
+        ray.kill(coordinator, no_restart=True)

@@ -1,0 +1,128 @@
+"""One frozen configuration for a run, validated before anything starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ray_elastic.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the coordinator and workers need to know about a run.
+
+    Sizes are counts of nodes (a node group holds `nproc_per_node` workers).
+    Every timeout is in seconds (`_s`); `None` disables where documented.
+    """
+
+    run_id: str
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    max_restarts: int = 3
+    use_gpu: bool = False
+    backend: str | None = None
+    resources_per_worker: Mapping[str, float] = field(default_factory=dict)
+    storage_path: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    # Timeouts and cadences.
+    wait_for_nodes_timeout_s: float = 60.0
+    hang_timeout_s: float | None = 300.0
+    abort_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 0.5
+    join_debounce_s: float = 0.5
+    initial_gather_s: float = 2.0
+    collective_timeout_s: float = 1800.0
+    node_poll_interval_s: float = 1.0
+    event_log_path: str | None = None
+
+    @property
+    def worker_backend(self) -> str:
+        """The torch.distributed backend the workers form their group with."""
+        if self.backend:
+            return self.backend
+        return "nccl" if self.use_gpu else "gloo"
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """Resources of one worker, as one placement-group bundle."""
+        bundle = {"CPU": 1.0}
+        bundle.update({k: float(v) for k, v in self.resources_per_worker.items()})
+        if self.use_gpu:
+            bundle["GPU"] = max(1.0, bundle.get("GPU", 1.0))
+        return {k: v for k, v in bundle.items() if v > 0}
+
+    @property
+    def unlimited_restarts(self) -> bool:
+        return self.max_restarts < 0
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def _require_seconds(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}.")
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check a config's own consistency (not the cluster's); return it.
+
+    Raises:
+        ConfigError: naming the argument and what to change.
+    """
+    _require_int("min_nodes", config.min_nodes, 1)
+    _require_int("max_nodes", config.max_nodes, 1)
+    if config.max_nodes < config.min_nodes:
+        raise ConfigError(
+            f"max_nodes ({config.max_nodes}) must be >= min_nodes ({config.min_nodes}); "
+            f"raise max_nodes or lower min_nodes."
+        )
+    _require_int("nproc_per_node", config.nproc_per_node, 1)
+    if isinstance(config.max_restarts, bool) or not isinstance(config.max_restarts, int):
+        raise ConfigError(f"max_restarts must be an int (-1 for unlimited), got {config.max_restarts!r}.")
+    if config.max_restarts < -1:
+        raise ConfigError(f"max_restarts must be >= 0, or -1 for unlimited; got {config.max_restarts}.")
+    if not isinstance(config.use_gpu, bool):
+        raise ConfigError(f"use_gpu must be True or False, got {config.use_gpu!r}.")
+    if config.backend not in (None, "gloo", "nccl"):
+        raise ConfigError(f"backend must be 'gloo', 'nccl' or None (auto), got {config.backend!r}.")
+    if not isinstance(config.resources_per_worker, Mapping):
+        raise ConfigError(
+            f"resources_per_worker must be a dict like {{'CPU': 2}}, got {config.resources_per_worker!r}."
+        )
+    for key, amount in config.resources_per_worker.items():
+        if not isinstance(key, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise ConfigError(f"resources_per_worker entries must be name -> number, got {key!r}: {amount!r}.")
+        if amount < 0:
+            raise ConfigError(f"resources_per_worker[{key!r}] must be >= 0, got {amount}.")
+    _require_int("checkpoint_every", config.checkpoint_every, 1)
+    _require_int("keep_checkpoints", config.keep_checkpoints, 1)
+    for name in (
+        "wait_for_nodes_timeout_s",
+        "abort_timeout_s",
+        "heartbeat_interval_s",
+        "join_debounce_s",
+        "initial_gather_s",
+        "collective_timeout_s",
+        "node_poll_interval_s",
+    ):
+        _require_seconds(name, getattr(config, name))
+    _require_seconds("hang_timeout_s", config.hang_timeout_s, allow_none=True)
+    if config.collective_timeout_s == 0:
+        raise ConfigError("collective_timeout_s must be > 0.")
+    if config.resume and not config.storage_path:
+        raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
+    return config

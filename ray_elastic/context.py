@@ -1,0 +1,112 @@
+"""What a running train_fn can ask about its place in the run.
+
+A worker process runs one train_fn at a time, so the active session is a
+per-process value set by the worker before it calls train_fn.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from ray_elastic.state import SnapshotHolder
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """The caller's place in the current round (see DESIGN.md, section 2)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    restart_count: int
+    round_id: int
+    run_id: str
+    node_id: str
+    device: "torch.device"
+
+
+class Session:
+    """Per-round glue between train_fn and its worker: progress, reports, stop requests."""
+
+    def __init__(
+        self,
+        context: TrainContext,
+        snapshots: "SnapshotHolder",
+        checkpointer: Any = None,
+        on_stop_check: Callable[[], bool] | None = None,
+    ):
+        self.context = context
+        self.snapshots = snapshots
+        self.checkpointer = checkpointer
+        self._stop_requested = on_stop_check or (lambda: False)
+        self._lock = threading.Lock()
+        self.reports: deque[tuple[float, dict[str, Any]]] = deque(maxlen=10_000)
+        self.last_metrics: dict[str, Any] | None = None
+        self.progress_count = 0
+        self.last_progress = time.monotonic()
+        self.last_committed_step: int | None = None
+
+    def mark_progress(self) -> None:
+        self.progress_count += 1
+        self.last_progress = time.monotonic()
+
+    def stop_requested(self) -> bool:
+        return self._stop_requested()
+
+    def add_report(self, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self.last_metrics = dict(metrics)
+            self.reports.append((time.time(), self.last_metrics))
+        self.mark_progress()
+
+    def drain_reports(self) -> list[tuple[float, dict[str, Any]]]:
+        with self._lock:
+            drained = list(self.reports)
+            self.reports.clear()
+        return drained
+
+
+_active: Session | None = None
+
+
+def set_session(session: Session | None) -> None:
+    global _active
+    _active = session
+
+
+def get_session() -> Session:
+    if _active is None:
+        raise RuntimeError(
+            "No ray_elastic session is active: get_context(), report() and State() "
+            "only work inside a train_fn started by ray_elastic.run."
+        )
+    return _active
+
+
+def get_context() -> TrainContext:
+    """Return the calling worker's :class:`TrainContext`.
+
+    Raises:
+        RuntimeError: outside a train_fn run by ray_elastic.
+    """
+    return get_session().context
+
+
+def report(metrics: dict[str, Any]) -> None:
+    """Record metrics of this step; rank 0's last report becomes `RunResult.metrics`.
+
+    Cheap: it stays in the worker's memory until the coordinator's next heartbeat.
+    """
+    if not isinstance(metrics, dict):
+        raise TypeError(f"report() takes a dict of metrics, got {type(metrics).__name__}.")
+    get_session().add_report(metrics)

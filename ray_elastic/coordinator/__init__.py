@@ -1,0 +1,1 @@
+"""The coordinator: a state machine (controller), its policies, and the Ray worker group it drives."""

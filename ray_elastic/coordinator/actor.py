@@ -1,0 +1,58 @@
+"""The coordinator actor: hosts the controller, the round stores and the worker group."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ray import cloudpickle
+import ray
+
+from ray_elastic.config import RunConfig
+from ray_elastic.coordinator.controller import Controller, RunSummary
+from ray_elastic.coordinator.ray_group import RayWorkerGroup
+from ray_elastic.events import EventLog
+
+
+class Coordinator:
+    """Runs one job's state machine. Made an actor (num_cpus=0, on the driver's node) by `run`.
+
+    Args:
+        config: the run's configuration.
+        train_fn_blob: cloudpickled `(train_fn, train_config)`.
+        checkpointer: optional durable checkpointer shared with workers.
+    """
+
+    def __init__(self, config: RunConfig, train_fn_blob: bytes, checkpointer: Any = None):
+        train_fn, train_config = cloudpickle.loads(train_fn_blob)
+        self.group = RayWorkerGroup(
+            config, train_fn, train_config, ray.util.get_node_ip_address(), checkpointer
+        )
+        self.controller = Controller(config, self.group, EventLog(config.run_id, config.event_log_path))
+        self._lock = threading.Lock()
+
+    def run(self) -> RunSummary:
+        return self.controller.run()
+
+    def abort(self, reason: str) -> None:
+        self.controller.request_abort(reason)
+
+    def progress(self, events_from: int = 0) -> dict[str, Any]:
+        """A snapshot for progress displays: state, round, size, budget, metrics, new events."""
+        c = self.controller
+        rounds = c.rounds
+        return {
+            "state": c.state.name,
+            "round_id": rounds[-1].round_id if rounds else -1,
+            "world_size": rounds[-1].world_size if rounds else 0,
+            "num_nodes": rounds[-1].num_nodes if rounds else 0,
+            "restarts": c.restarts,
+            "metrics": c.metrics,
+            "events": c.events.events[events_from:],
+        }
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self.group.worker_pids)
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,401 @@
+"""The coordinator's state machine: one transition per `step()`.
+
+States are objects carrying their payload; policies (see `policy.py`) decide,
+the controller acts through its `WorkerGroup` and logs each transition with
+its reason as an event.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ray_elastic.config import RunConfig
+from ray_elastic.coordinator import policy
+from ray_elastic.coordinator.group import WorkerGroup
+from ray_elastic.coordinator.types import OutcomeKind, RoundPlan, WorkerOutcome
+from ray_elastic.errors import (
+    FailureInfo,
+    NotEnoughNodesError,
+    RunAbortedError,
+    TrainingFailedError,
+)
+from ray_elastic.events import EventLog, RoundRecord
+
+
+class State:
+    name = "state"
+    terminal = False
+
+
+@dataclass
+class Waiting(State):
+    """Fewer ready nodes than needed; wait until `deadline`."""
+
+    since: float
+    deadline: float
+    cause: str
+    last_message: str = ""
+    name = "WAITING"
+
+
+@dataclass
+class Forming(State):
+    cause: str
+    name = "FORMING"
+
+
+@dataclass
+class Running(State):
+    plan: RoundPlan
+    started: float
+    outcomes: dict[str, WorkerOutcome] = field(default_factory=dict)
+    last_progress: dict[str, float] = field(default_factory=dict)
+    progress_count: dict[str, int] = field(default_factory=dict)
+    stop_requested: bool = False
+    name = "RUNNING"
+
+
+@dataclass
+class Restarting(State):
+    """A round failed: survivors are being unblocked; then the budget is charged."""
+
+    plan: RoundPlan
+    outcomes: dict[str, WorkerOutcome]
+    since: float
+    last_answer: dict[str, float]
+    trigger: str
+    name = "RESTARTING"
+
+
+@dataclass
+class Succeeded(State):
+    return_values: list[Any]
+    name = "SUCCEEDED"
+    terminal = True
+
+
+@dataclass
+class Failed(State):
+    error: Exception
+    name = "FAILED"
+    terminal = True
+
+
+@dataclass
+class Aborted(State):
+    reason: str
+    name = "ABORTED"
+    terminal = True
+
+
+@dataclass
+class RunSummary:
+    """What the driver gets back from the coordinator."""
+
+    return_values: list[Any]
+    metrics: dict[str, Any] | None
+    restarts: int
+    rounds: list[RoundRecord]
+    events: list[Any]
+    metrics_history: list[dict[str, Any]]
+    error: Exception | None = None
+
+
+class Controller:
+    """Drives a run through its states. Plain class: the coordinator actor wraps it."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        group: WorkerGroup,
+        events: EventLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = 0.05,
+    ):
+        self.config = config
+        self.group = group
+        self.events = events or EventLog(config.run_id, config.event_log_path)
+        self.clock = clock
+        self.poll_s = poll_s
+        now = clock()
+        self.state: State = Waiting(since=now, deadline=now + config.wait_for_nodes_timeout_s, cause="start")
+        self.restarts = 0
+        self.next_round_id = 0
+        self.previous_order: list[str] = []
+        self.failures: list[FailureInfo] = []
+        self.rounds: list[RoundRecord] = []
+        self.metrics: dict[str, Any] | None = None
+        self.metrics_history: list[dict[str, Any]] = []
+        self.last_step: dict[str, int | None] = {}
+        self._abort_reason: str | None = None
+        self._last_refresh = float("-inf")
+        self._ready_seen: set[str] = set()
+        self._last_ready_change = now
+
+    # -- driving ---------------------------------------------------------------------------
+    def request_abort(self, reason: str) -> None:
+        """Ask the run to stop at the next step (thread-safe: a flag)."""
+        self._abort_reason = reason
+
+    def step(self) -> tuple[State, State]:
+        """Make one transition; return (previous, next)."""
+        previous = self.state
+        now = self.clock()
+        if self._abort_reason is not None and not previous.terminal:
+            self.state = self._abort(previous, self._abort_reason)
+        else:
+            self._maybe_refresh(now)
+            handler = getattr(self, f"_on_{previous.name.lower()}")
+            self.state = handler(previous, now)
+        return previous, self.state
+
+    def run(self) -> RunSummary:
+        try:
+            while not self.state.terminal:
+                self.step()
+        finally:
+            self.group.shutdown()
+        return self.summary()
+
+    def summary(self) -> RunSummary:
+        state = self.state
+        return RunSummary(
+            return_values=state.return_values if isinstance(state, Succeeded) else [],
+            metrics=self.metrics,
+            restarts=self.restarts,
+            rounds=list(self.rounds),
+            events=list(self.events.events),
+            metrics_history=list(self.metrics_history),
+            error=state.error if isinstance(state, Failed) else (
+                RunAbortedError(state.reason) if isinstance(state, Aborted) else None
+            ),
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _emit(self, kind: str, message: str, **data: Any) -> None:
+        round_id = self.next_round_id - 1
+        self.events.emit(kind, round_id, self.state.name, message, **data)
+
+    def _maybe_refresh(self, now: float) -> None:
+        if now - self._last_refresh >= self.config.node_poll_interval_s:
+            self._last_refresh = now
+            self.group.refresh(now)
+        members = set(self.previous_order) if isinstance(self.state, (Running, Restarting)) else set()
+        ready = {g.node_id for g in self.group.ready_groups()} - members
+        if ready - self._ready_seen:
+            self._last_ready_change = now
+            for node_id in sorted(ready - self._ready_seen):
+                self._emit("node_ready", f"node {node_id[:12]} ready to join", node_id=node_id)
+        self._ready_seen = ready
+
+    def _abort(self, state: State, reason: str) -> State:
+        if isinstance(state, (Running, Restarting)):
+            self.group.abort(state.plan.round_id, state.plan.worker_ids)
+        self._emit("aborted", f"run aborted: {reason}")
+        return Aborted(reason)
+
+    def _fail(self, error: Exception) -> Failed:
+        self._emit("failed", str(error).splitlines()[0])
+        return Failed(error)
+
+    # -- states -------------------------------------------------------------------------------
+    def _on_waiting(self, state: Waiting, now: float) -> State:
+        ready = self.group.ready_groups()
+        decision = policy.decide_form(
+            len(ready),
+            self.group.pending_count(),
+            self.config.min_nodes,
+            self.config.max_nodes,
+            now - state.since,
+            self.config.initial_gather_s if state.cause == "start" else 0.0,
+        )
+        if decision.form:
+            return Forming(cause=state.cause)
+        if now >= state.deadline:
+            return self._fail(
+                NotEnoughNodesError(
+                    f"only {len(ready)} of min_nodes={self.config.min_nodes} node(s) could run "
+                    f"{self.config.nproc_per_node} worker(s) with {self.config.bundle} each after "
+                    f"waiting {self.config.wait_for_nodes_timeout_s:g}s; add nodes, lower min_nodes, "
+                    f"or raise wait_for_nodes_timeout_s",
+                    self.failures[0] if self.failures else None,
+                    tuple(self.failures),
+                    self.restarts,
+                    self.config.max_restarts,
+                )
+            )
+        if decision.reason != state.last_message:
+            state.last_message = decision.reason
+            self._emit("waiting", decision.reason, ready=len(ready))
+        self.group.wait(self.poll_s)
+        return state
+
+    def _on_forming(self, state: Forming, now: float) -> State:
+        chosen = policy.choose_groups(self.group.ready_groups(), self.previous_order, self.config.max_nodes)
+        if len(chosen) < self.config.min_nodes:
+            return Waiting(since=now, deadline=now + self.config.wait_for_nodes_timeout_s, cause=state.cause)
+        plan = RoundPlan(round_id=self.next_round_id, restart_count=self.restarts, groups=tuple(chosen))
+        self.next_round_id += 1
+        previous = set(self.previous_order)
+        joined = [g.node_id for g in chosen if g.node_id not in previous]
+        left = [n for n in self.previous_order if n not in {g.node_id for g in chosen}]
+        self.previous_order = [g.node_id for g in chosen]
+        self.group.start_round(plan)
+        self.rounds.append(RoundRecord(plan.round_id, plan.world_size, len(chosen), time.time(), state.cause))
+        self._emit(
+            "round_formed",
+            f"round {plan.round_id}: {len(chosen)} node(s), world size {plan.world_size} ({state.cause})",
+            world_size=plan.world_size,
+            num_nodes=len(chosen),
+            cause=state.cause,
+            joined=joined,
+            left=left,
+        )
+        started = self.clock()
+        members = plan.worker_ids
+        return Running(
+            plan=plan,
+            started=started,
+            last_progress={w: started for w in members},
+            progress_count={w: -1 for w in members},
+        )
+
+    def _record_heartbeats(self, state: Running | Restarting, now: float) -> None:
+        for beat in self.group.probe(state.plan.round_id):
+            if isinstance(state, Restarting):
+                state.last_answer[beat.worker_id] = now
+                continue
+            if beat.progress != state.progress_count.get(beat.worker_id):
+                state.progress_count[beat.worker_id] = beat.progress
+                state.last_progress[beat.worker_id] = now
+            self.last_step[beat.worker_id] = beat.step
+            if beat.reports and beat.worker_id == state.plan.worker_ids[0]:
+                for stamp, metrics in beat.reports:
+                    self.metrics_history.append(
+                        {"time": stamp, "round_id": state.plan.round_id,
+                         "world_size": state.plan.world_size, **metrics}
+                    )
+                self.metrics = dict(beat.reports[-1][1])
+
+    def _on_running(self, state: Running, now: float) -> State:
+        for outcome in self.group.wait(self.poll_s):
+            state.outcomes[outcome.worker_id] = outcome
+            if outcome.step is not None:
+                self.last_step[outcome.worker_id] = outcome.step
+        now = self.clock()
+        members = state.plan.worker_ids
+        failed = [o for o in state.outcomes.values() if o.is_failure]
+        if failed:
+            return self._begin_restart(state, now, trigger=failed[0].message)
+        self._record_heartbeats(state, now)
+        hung = policy.stalled(
+            {w: t for w, t in state.last_progress.items() if w not in state.outcomes},
+            now,
+            self.config.hang_timeout_s,
+        )
+        if hung:
+            return self._begin_restart(state, now, trigger=f"no progress from {len(hung)} worker(s)")
+        if len(state.outcomes) == len(members):
+            kinds = {o.kind for o in state.outcomes.values()}
+            if kinds == {OutcomeKind.DONE}:
+                values = [state.outcomes[w].value for w in members]
+                self._emit("finished", f"run finished after {self.restarts} restart(s)")
+                return Succeeded(values)
+            return self._begin_resize(state)
+        if not state.stop_requested and policy.should_scale_up(
+            len(state.plan.groups),
+            len(self.group.ready_groups()),
+            self.config.max_nodes,
+            now - self._last_ready_change,
+            self.config.join_debounce_s,
+        ):
+            state.stop_requested = True
+            self.group.request_stop(state.plan.round_id)
+        return state
+
+    def _begin_resize(self, state: Running) -> State:
+        # Ranks that already returned re-enter train_fn too: restored from the last
+        # commit, they finish at once alongside the others.
+        self._emit("scale_up", "members left at a commit to let new node(s) join")
+        return Forming(cause="scale-up")
+
+    def _begin_restart(self, state: Running, now: float, trigger: str) -> State:
+        unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
+        self.group.abort(state.plan.round_id, unsettled)
+        return Restarting(
+            plan=state.plan,
+            outcomes=state.outcomes,
+            since=now,
+            last_answer={w: now for w in unsettled},
+            trigger=trigger,
+        )
+
+    def _on_restarting(self, state: Restarting, now: float) -> State:
+        for outcome in self.group.wait(self.poll_s):
+            state.outcomes[outcome.worker_id] = outcome
+        now = self.clock()
+        self._record_heartbeats(state, now)
+        unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
+        if unsettled:
+            silent = policy.unresponsive(
+                state.last_answer, unsettled, now, min(1.0, self.config.abort_timeout_s)
+            )
+            overdue = unsettled if now - state.since > self.config.abort_timeout_s else []
+            to_kill = sorted(set(silent) | set(overdue))
+            if not to_kill:
+                return state
+            for worker_id in to_kill:
+                state.outcomes[worker_id] = WorkerOutcome(
+                    worker_id, state.plan.round_id, OutcomeKind.HUNG,
+                    message="did not answer or leave the round after it was aborted; killed",
+                    step=self.last_step.get(worker_id),
+                )
+            self.group.kill(to_kill, reason="unresponsive after abort")
+            if len(state.outcomes) < len(state.plan.worker_ids):
+                return state
+        return self._finish_restart(state)
+
+    def _finish_restart(self, state: Restarting) -> State:
+        causes = policy.at_fault(state.outcomes)
+        rank_of = {a.worker_id: a for a in state.plan.assignments()}
+        for outcome in causes:
+            a = rank_of[outcome.worker_id]
+            self.failures.append(
+                FailureInfo(
+                    kind={"failed": "exception", "died": "died", "hung": "hang"}[outcome.kind.value],
+                    rank=a.rank,
+                    node_id=a.node_id,
+                    round_id=state.plan.round_id,
+                    message=outcome.message,
+                    step=outcome.step if outcome.step is not None else self.last_step.get(outcome.worker_id),
+                    traceback=outcome.traceback,
+                )
+            )
+        died = [o.worker_id for o in causes if o.kind is OutcomeKind.DIED]
+        if died:
+            self.group.kill(died, reason="died")
+        self.restarts += 1
+        summary = "; ".join(f.describe() for f in self.failures[-len(causes):])
+        self._emit(
+            "restart",
+            f"round {state.plan.round_id} failed ({len(causes)} cause(s)): {summary}; "
+            f"restarts spent {self.restarts}/{self._budget_text()}",
+            restarts=self.restarts,
+            causes=[o.worker_id for o in causes],
+        )
+        if policy.budget_exhausted(self.restarts, self.config.max_restarts):
+            return self._fail(
+                TrainingFailedError(
+                    "restart budget exhausted; raise max_restarts or fix the root cause",
+                    self.failures[0],
+                    tuple(self.failures),
+                    self.restarts,
+                    self.config.max_restarts,
+                )
+            )
+        return Forming(cause="restart")
+
+    def _budget_text(self) -> str:
+        return "unlimited" if self.config.max_restarts < 0 else str(self.config.max_restarts)

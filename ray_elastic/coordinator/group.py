@@ -1,0 +1,55 @@
+"""The interface through which the controller acts on workers.
+
+`RayWorkerGroup` implements it with actors and placement groups; unit tests
+and the coordinator-scale benchmark implement it with plain objects.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from ray_elastic.coordinator.types import Heartbeat, NodeGroup, RoundPlan, WorkerOutcome
+
+
+class WorkerGroup(abc.ABC):
+    """Nodes, their workers, and the rounds they run."""
+
+    @abc.abstractmethod
+    def refresh(self, now: float) -> None:
+        """Look for new or lost nodes; start workers on new ones. Never blocks for long."""
+
+    @abc.abstractmethod
+    def ready_groups(self) -> list[NodeGroup]:
+        """Complete node groups whose workers are alive, warmed up, and not in a round."""
+
+    @abc.abstractmethod
+    def pending_count(self) -> int:
+        """Node groups still being placed or warming up."""
+
+    @abc.abstractmethod
+    def start_round(self, plan: RoundPlan) -> None:
+        """Open a fresh store for the round and start every member's part in it."""
+
+    @abc.abstractmethod
+    def wait(self, timeout_s: float) -> list[WorkerOutcome]:
+        """Outcomes of the current round that arrived, waiting up to timeout_s for the first."""
+
+    @abc.abstractmethod
+    def probe(self, round_id: int) -> list[Heartbeat]:
+        """Send liveness probes to the round's members; return answers that arrived since the last call."""
+
+    @abc.abstractmethod
+    def request_stop(self, round_id: int) -> None:
+        """Ask the round's members to leave at their next commit (membership change)."""
+
+    @abc.abstractmethod
+    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+        """Unblock and end the round on these workers now; their processes stay."""
+
+    @abc.abstractmethod
+    def kill(self, worker_ids: list[str], reason: str) -> None:
+        """Kill these workers; replacements start where their node is still alive."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Release every worker, placement group and store of the run."""

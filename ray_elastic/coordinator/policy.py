@@ -1,0 +1,89 @@
+"""Pure decisions: given what the coordinator sees, what should happen next.
+
+Nothing here touches Ray, clocks or workers; the controller passes `now` and
+views of the world in, and acts on the values that come back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from ray_elastic.coordinator.types import NodeGroup, OutcomeKind, WorkerOutcome
+
+
+@dataclass(frozen=True)
+class FormDecision:
+    """Whether to form a round now, and why (or why not)."""
+
+    form: bool
+    reason: str
+
+
+def decide_form(
+    num_ready: int,
+    num_pending: int,
+    min_nodes: int,
+    max_nodes: int,
+    waited_s: float,
+    gather_s: float,
+) -> FormDecision:
+    """Form once min_nodes are ready, giving nodes still starting a short window to make it."""
+    if num_ready < min_nodes:
+        return FormDecision(False, f"waiting for {min_nodes - num_ready} more node(s)")
+    if num_ready >= max_nodes:
+        return FormDecision(True, f"{num_ready} node(s) ready (max_nodes={max_nodes})")
+    if num_pending == 0:
+        return FormDecision(True, f"{num_ready} node(s) ready, none starting")
+    if waited_s >= gather_s:
+        return FormDecision(True, f"{num_ready} node(s) ready; {num_pending} still starting will join later")
+    return FormDecision(False, f"{num_ready} node(s) ready, giving {num_pending} starting node(s) time")
+
+
+def choose_groups(
+    ready: Sequence[NodeGroup], previous_order: Sequence[str], max_nodes: int
+) -> list[NodeGroup]:
+    """Keep surviving nodes in their previous order (stable ranks), then add newcomers, up to max."""
+    by_node = {g.node_id: g for g in ready}
+    kept = [by_node[n] for n in previous_order if n in by_node]
+    newcomers = sorted((g for g in ready if g.node_id not in previous_order), key=lambda g: g.node_id)
+    return (kept + newcomers)[:max_nodes]
+
+
+def should_scale_up(
+    current_nodes: int,
+    idle_ready_nodes: int,
+    max_nodes: int,
+    since_last_ready_s: float,
+    debounce_s: float,
+) -> bool:
+    """Grow at the next commit when a ready node waits, room remains, and the burst has settled."""
+    return idle_ready_nodes > 0 and current_nodes < max_nodes and since_last_ready_s >= debounce_s
+
+
+def at_fault(outcomes: Mapping[str, WorkerOutcome]) -> list[WorkerOutcome]:
+    """The failures that caused a failed round, separating causes from their echoes.
+
+    A rank whose collective broke because a peer vanished reports a
+    communication error; it is a victim, not a cause, unless nothing else failed.
+    """
+    failures = [o for o in outcomes.values() if o.is_failure]
+    causes = [o for o in failures if not (o.kind is OutcomeKind.FAILED and o.communication)]
+    return causes or failures[:1]
+
+
+def budget_exhausted(restarts_spent: int, max_restarts: int) -> bool:
+    """True once more restarts were needed than the budget allows (-1: unlimited)."""
+    return max_restarts >= 0 and restarts_spent > max_restarts
+
+
+def stalled(last_progress: Mapping[str, float], now: float, hang_timeout_s: float | None) -> list[str]:
+    """Workers that made no progress (commit, report, or answered probe) within the hang timeout."""
+    if hang_timeout_s is None:
+        return []
+    return sorted(w for w, t in last_progress.items() if now - t > hang_timeout_s)
+
+
+def unresponsive(last_answer: Mapping[str, float], waiting: Iterable[str], now: float, limit_s: float) -> list[str]:
+    """Workers among `waiting` whose liveness probes went unanswered for longer than limit_s."""
+    return sorted(w for w in waiting if now - last_answer.get(w, float("-inf")) > limit_s)

@@ -1,0 +1,271 @@
+"""`WorkerGroup` on Ray: one pinned placement group per node, one threaded actor per slot.
+
+Runs inside the coordinator actor. Detection is by outstanding calls: every
+member has a `run_round` call in flight, and a dead actor fails it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ray_elastic.config import RunConfig
+from ray_elastic.coordinator.group import WorkerGroup
+from ray_elastic.coordinator.types import (
+    Heartbeat,
+    NodeGroup,
+    OutcomeKind,
+    RoundPlan,
+    RoundSpec,
+    WorkerOutcome,
+)
+from ray_elastic.placement import cluster_nodes, fits, pinned_group
+from ray_elastic.store import RoundStore
+from ray_elastic.worker.actor import ElasticWorker
+
+logger = logging.getLogger("ray_elastic")
+
+STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
+
+
+@dataclass
+class _Slot:
+    worker_id: str
+    local_rank: int
+    actor: Any
+    ready_ref: Any
+    status: str = STARTING
+    pid: int | None = None
+
+
+@dataclass
+class _Node:
+    node_id: str
+    pg: PlacementGroup
+    pg_ready: Any
+    placed: bool = False
+    slots: list[_Slot | None] = field(default_factory=list)
+    generation: int = 0
+
+
+class RayWorkerGroup(WorkerGroup):
+    """Places, starts, drives and kills the run's worker actors.
+
+    Args:
+        config: the run's configuration.
+        train_fn: the user's function (already unpickled here).
+        train_config: the value handed to train_fn.
+        store_host: address of this (the coordinator's) node, where round stores listen.
+        checkpointer: optional durable checkpointer handed to each worker.
+    """
+
+    def __init__(self, config: RunConfig, train_fn: Any, train_config: Any, store_host: str, checkpointer: Any = None):
+        self.config = config
+        self.train_fn = train_fn
+        self.train_config = train_config
+        self.store_host = store_host
+        self.checkpointer = checkpointer
+        self.nodes: dict[str, _Node] = {}
+        self.store: RoundStore | None = None
+        self.round_id = -1
+        self._round_refs: dict[Any, str] = {}
+        self._probe_refs: dict[Any, str] = {}
+        self._members: list[str] = []
+        self._worker_cls = ray.remote(ElasticWorker)
+        self.worker_pids: set[int] = set()
+
+    # -- lookup --------------------------------------------------------------------------------
+    def _slot(self, worker_id: str) -> _Slot | None:
+        for node in self.nodes.values():
+            for slot in node.slots:
+                if slot is not None and slot.worker_id == worker_id:
+                    return slot
+        return None
+
+    def _node_of(self, worker_id: str) -> _Node | None:
+        for node in self.nodes.values():
+            if any(s is not None and s.worker_id == worker_id for s in node.slots):
+                return node
+        return None
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def refresh(self, now: float) -> None:
+        infos = {n.node_id: n for n in cluster_nodes()}
+        for node_id in list(self.nodes):
+            info = infos.get(node_id)
+            if info is None or not info.alive:
+                self._drop_node(node_id)
+        for node_id, info in sorted(infos.items()):
+            if len(self.nodes) >= self.config.max_nodes:
+                break
+            if node_id in self.nodes or not info.alive:
+                continue
+            if fits(info.resources, self.config.bundle, self.config.nproc_per_node):
+                pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
+                                  name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
+                self.nodes[node_id] = _Node(node_id, pg, pg.ready(),
+                                            slots=[None] * self.config.nproc_per_node)
+        self._advance_startups()
+
+    def _advance_startups(self) -> None:
+        for node in self.nodes.values():
+            if not node.placed:
+                ready, _ = ray.wait([node.pg_ready], timeout=0)
+                if not ready:
+                    continue
+                node.placed = True
+            for index, slot in enumerate(node.slots):
+                if slot is None or slot.status == DEAD:
+                    node.slots[index] = self._start_slot(node, index)
+            starting = {s.ready_ref: s for s in node.slots if s is not None and s.status == STARTING}
+            if starting:
+                done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+                for ref in done:
+                    slot = starting[ref]
+                    try:
+                        info = ray.get(ref)
+                        slot.pid = info["pid"]
+                        self.worker_pids.add(info["pid"])
+                        slot.status = READY
+                    except RayError:
+                        logger.warning("worker %s failed to start", slot.worker_id, exc_info=True)
+                        slot.status = DEAD
+
+    def _start_slot(self, node: _Node, index: int) -> _Slot:
+        node.generation += 1
+        worker_id = f"{node.node_id[:8]}-{index}-{node.generation}"
+        env = {"OMP_NUM_THREADS": "1"}
+        options: dict[str, Any] = {
+            "max_concurrency": 4,
+            "num_cpus": self.config.bundle.get("CPU", 0),
+            "resources": {k: v for k, v in self.config.bundle.items() if k not in ("CPU", "GPU")},
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(node.pg, placement_group_bundle_index=index),
+            "runtime_env": {"env_vars": env},
+        }
+        if self.config.bundle.get("GPU"):
+            options["num_gpus"] = self.config.bundle["GPU"]
+        actor = self._worker_cls.options(**options).remote(
+            self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer
+        )
+        return _Slot(worker_id, index, actor, actor.ready.remote())
+
+    def _drop_node(self, node_id: str) -> None:
+        node = self.nodes.pop(node_id)
+        for slot in node.slots:
+            if slot is not None and slot.status != DEAD:
+                ray.kill(slot.actor, no_restart=True)
+                slot.status = DEAD
+        try:
+            remove_placement_group(node.pg)
+        except Exception:  # noqa: BLE001 - the node may already be gone
+            logger.debug("remove_placement_group failed", exc_info=True)
+
+    def ready_groups(self) -> list[NodeGroup]:
+        return [
+            NodeGroup(node.node_id, tuple(s.worker_id for s in node.slots if s is not None))
+            for node in self.nodes.values()
+            if node.placed and all(s is not None and s.status == READY for s in node.slots)
+        ]
+
+    def pending_count(self) -> int:
+        return sum(
+            1 for node in self.nodes.values()
+            if not node.placed or any(s is None or s.status == STARTING for s in node.slots)
+        )
+
+    # -- rounds --------------------------------------------------------------------------------
+    def start_round(self, plan: RoundPlan) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store = RoundStore(self.store_host)
+        self.round_id = plan.round_id
+        self._round_refs.clear()
+        self._probe_refs.clear()
+        self._members = plan.worker_ids
+        for a in plan.assignments():
+            slot = self._slot(a.worker_id)
+            assert slot is not None, a.worker_id
+            slot.status = BUSY
+            spec = RoundSpec(a, plan.round_id, plan.restart_count, self.store.host, self.store.port,
+                             self.config.max_restarts)
+            self._round_refs[slot.actor.run_round.remote(spec)] = a.worker_id
+
+    def wait(self, timeout_s: float) -> list[WorkerOutcome]:
+        watched = list(self._round_refs)
+        watched += [s.ready_ref for n in self.nodes.values() for s in n.slots if s is not None and s.status == STARTING]
+        if not watched:
+            time.sleep(timeout_s)
+            return []
+        ray.wait(watched, num_returns=1, timeout=timeout_s)
+        done, _ = ray.wait(list(self._round_refs), num_returns=len(self._round_refs), timeout=0) if self._round_refs else ([], [])
+        outcomes = []
+        for ref in done:
+            worker_id = self._round_refs.pop(ref)
+            slot = self._slot(worker_id)
+            try:
+                outcome: WorkerOutcome = ray.get(ref)
+            except RayActorError as exc:
+                outcome = WorkerOutcome(worker_id, self.round_id, OutcomeKind.DIED,
+                                        message=f"worker process died: {str(exc).splitlines()[0]}")
+            except RayError as exc:
+                outcome = WorkerOutcome(worker_id, self.round_id, OutcomeKind.DIED, message=str(exc)[:500])
+            if slot is not None:
+                slot.status = DEAD if outcome.kind is OutcomeKind.DIED else READY
+            outcomes.append(outcome)
+        return outcomes
+
+    def probe(self, round_id: int) -> list[Heartbeat]:
+        beats = []
+        if self._probe_refs:
+            done, _ = ray.wait(list(self._probe_refs), num_returns=len(self._probe_refs), timeout=0)
+            for ref in done:
+                self._probe_refs.pop(ref)
+                try:
+                    beats.append(ray.get(ref))
+                except RayError:
+                    pass
+        outstanding = set(self._probe_refs.values())
+        for worker_id in self._members:
+            slot = self._slot(worker_id)
+            if slot is not None and slot.status == BUSY and worker_id not in outstanding:
+                self._probe_refs[slot.actor.probe.remote(round_id)] = worker_id
+        return beats
+
+    def request_stop(self, round_id: int) -> None:
+        for worker_id in self._members:
+            slot = self._slot(worker_id)
+            if slot is not None and slot.status == BUSY:
+                slot.actor.request_stop.remote(round_id)
+
+    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+        for worker_id in worker_ids:
+            slot = self._slot(worker_id)
+            if slot is not None and slot.status != DEAD:
+                slot.actor.abort.remote(round_id)
+
+    def kill(self, worker_ids: list[str], reason: str) -> None:
+        for worker_id in worker_ids:
+            slot = self._slot(worker_id)
+            if slot is None:
+                continue
+            logger.info("killing worker %s: %s", worker_id, reason)
+            if slot.status != DEAD:
+                ray.kill(slot.actor, no_restart=True)
+            slot.status = DEAD
+            for ref, wid in list(self._round_refs.items()):
+                if wid == worker_id:
+                    del self._round_refs[ref]
+
+    def shutdown(self) -> None:
+        for node_id in list(self.nodes):
+            self._drop_node(node_id)
+        if self.store is not None:
+            self.store.close()
+            self.store = None

@@ -1,0 +1,116 @@
+"""Values passed between the coordinator, its worker group and the workers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """The workers of one node, ordered by local rank."""
+
+    node_id: str
+    workers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One worker's place in a round."""
+
+    worker_id: str
+    node_id: str
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who takes part in a round, in rank order."""
+
+    round_id: int
+    restart_count: int
+    groups: tuple[NodeGroup, ...]
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(g.workers) for g in self.groups)
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return [w for g in self.groups for w in g.workers]
+
+    def assignments(self) -> list[Assignment]:
+        out = []
+        rank = 0
+        for node_rank, group in enumerate(self.groups):
+            for local_rank, worker_id in enumerate(group.workers):
+                out.append(
+                    Assignment(
+                        worker_id=worker_id,
+                        node_id=group.node_id,
+                        rank=rank,
+                        local_rank=local_rank,
+                        world_size=self.world_size,
+                        local_world_size=len(group.workers),
+                        node_rank=node_rank,
+                        num_nodes=len(self.groups),
+                    )
+                )
+                rank += 1
+        return out
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What a worker needs to join a round."""
+
+    assignment: Assignment
+    round_id: int
+    restart_count: int
+    store_host: str
+    store_port: int
+    max_restarts: int
+
+
+class OutcomeKind(str, enum.Enum):
+    DONE = "done"  # train_fn returned
+    STOPPED = "stopped"  # left at a commit for a membership change
+    ABORTED = "aborted"  # the coordinator aborted the round
+    FAILED = "failed"  # train_fn raised
+    DIED = "died"  # the process or its node went away
+    HUNG = "hung"  # killed for not answering or not settling
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    """How one worker's part in a round ended."""
+
+    worker_id: str
+    round_id: int
+    kind: OutcomeKind
+    value: Any = None
+    message: str = ""
+    traceback: str = ""
+    communication: bool = False  # the exception came from a collective losing a peer
+    step: int | None = None
+
+    @property
+    def is_failure(self) -> bool:
+        return self.kind in (OutcomeKind.FAILED, OutcomeKind.DIED, OutcomeKind.HUNG)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's answer to a liveness probe."""
+
+    worker_id: str
+    round_id: int
+    progress: int
+    step: int | None
+    reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)

@@ -1,0 +1,70 @@
+"""Which Ray nodes can hold a node group, and pinning one placement group to each.
+
+Nodes are identified by node id, never by IP: simulated nodes share one IP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+
+from ray_elastic.config import RunConfig
+from ray_elastic.errors import ConfigError
+
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    resources: Mapping[str, float]
+    alive: bool
+
+
+def cluster_nodes() -> list[NodeInfo]:
+    return [
+        NodeInfo(n["NodeID"], dict(n.get("Resources", {})), bool(n.get("Alive")))
+        for n in ray.nodes()
+    ]
+
+
+def fits(resources: Mapping[str, float], bundle: Mapping[str, float], count: int) -> bool:
+    """True when a node with these total resources can hold `count` bundles."""
+    return all(resources.get(name, 0.0) >= amount * count for name, amount in bundle.items())
+
+
+def check_feasible(config: RunConfig, nodes: list[NodeInfo]) -> int:
+    """Fail fast when no node can ever hold a node group; return how many nodes can now.
+
+    Raises:
+        ConfigError: use_gpu without GPUs, or resources no node holds, with what to change.
+    """
+    alive = [n for n in nodes if n.alive]
+    bundle = config.bundle
+    if config.use_gpu and not any(n.resources.get("GPU", 0) > 0 for n in alive):
+        raise ConfigError(
+            "use_gpu=True but the Ray cluster has no GPUs; set use_gpu=False or add GPU nodes."
+        )
+    fitting = [n for n in alive if fits(n.resources, bundle, config.nproc_per_node)]
+    if not fitting:
+        largest = max((dict(n.resources) for n in alive), key=lambda r: r.get("CPU", 0), default={})
+        shown = {k: v for k, v in largest.items() if not k.startswith("node:") and "memory" not in k}
+        raise ConfigError(
+            f"no node can hold nproc_per_node={config.nproc_per_node} worker(s) with "
+            f"resources_per_worker={bundle} each; the largest node has {shown}. "
+            f"Lower nproc_per_node or resources_per_worker, or add larger nodes."
+        )
+    return len(fitting)
+
+
+def pinned_group(node_id: str, bundle: Mapping[str, float], count: int, name: str) -> PlacementGroup:
+    """A STRICT_PACK placement group of `count` bundles on exactly this node."""
+    return placement_group(
+        [dict(bundle) for _ in range(count)],
+        strategy="STRICT_PACK",
+        name=name,
+        bundle_label_selector=[{NODE_ID_LABEL: node_id} for _ in range(count)],
+    )

@@ -1,0 +1,287 @@
+"""Elastic training state: in-memory commits, restored from a peer after a membership change.
+
+`State(**items)` holds objects with `state_dict`/`load_state_dict` (modules,
+optimizers, schedulers, samplers) and plain values (attributes such as `step`).
+`commit()` copies every item into this process's snapshot, reusing buffers, and
+is the one point where membership changes take effect. On (re-)entry of
+train_fn, constructing a `State` restores the newest commit held by any rank:
+survivors load their own copy, newcomers receive it by broadcast, and with no
+snapshot anywhere the durable checkpoint (if any) is loaded, else rank 0's
+fresh state is broadcast. All ranks leave the constructor identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ray_elastic.context import Session, TrainContext, get_session
+
+
+class MembershipChange(BaseException):
+    """Raised by `commit()` on every rank at once to leave the round for a re-form.
+
+    A BaseException so that `except Exception` in user code does not swallow it.
+    """
+
+
+class SnapshotHolder:
+    """This process's last committed snapshot; outlives rounds (train_fn re-entries)."""
+
+    def __init__(self) -> None:
+        self.commit_id = -1
+        self.items: dict[str, Any] = {}
+        self.attrs: dict[str, Any] = {}
+        self.world_size = 0
+
+    def as_payload(self) -> dict[str, Any]:
+        return {"commit_id": self.commit_id, "items": self.items, "attrs": self.attrs, "world_size": self.world_size}
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        self.commit_id = payload["commit_id"]
+        self.items = payload["items"]
+        self.attrs = payload["attrs"]
+        self.world_size = payload["world_size"]
+
+
+def _copy_into(dst: Any, src: Any) -> Any:
+    """Copy `src` (a state_dict tree) into `dst`, reusing tensors of matching shape; return the copy."""
+    if isinstance(src, torch.Tensor):
+        if isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype:
+            dst.copy_(src.detach(), non_blocking=False)
+            return dst
+        return src.detach().to("cpu", copy=True)
+    if isinstance(src, dict):
+        old = dst if isinstance(dst, dict) else {}
+        return {k: _copy_into(old.get(k), v) for k, v in src.items()}
+    if isinstance(src, (list, tuple)):
+        old_seq = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
+        items = [_copy_into(d, s) for d, s in zip(old_seq, src)]
+        return items if isinstance(src, list) else tuple(items)
+    return copy.deepcopy(src)
+
+
+def _split_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    """Replace tensors in a tree by placeholders, collecting them in order."""
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree)
+        return _TensorSlot(len(tensors) - 1)
+    if isinstance(tree, dict):
+        return {k: _split_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_split_tensors(v, tensors) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_split_tensors(v, tensors) for v in tree)
+    return tree
+
+
+def _join_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(tree, _TensorSlot):
+        return tensors[tree.index]
+    if isinstance(tree, dict):
+        return {k: _join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_tensors(v, tensors) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_join_tensors(v, tensors) for v in tree)
+    return tree
+
+
+class _TensorSlot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return (_TensorSlot, (self.index,))
+
+
+def _broadcast_bytes(data: bytes, src: int, device: torch.device) -> bytes:
+    """Broadcast a small byte string (torch's object broadcast needs numpy; this does not)."""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)
+    if dist.get_rank() == src:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src=src)
+    return data if dist.get_rank() == src else bytes(buffer.cpu().tolist())
+
+
+def broadcast_payload(payload: dict[str, Any] | None, src: int, device: torch.device) -> dict[str, Any]:
+    """Send a snapshot from rank `src` to every rank: structure by pickle, tensors flat per dtype."""
+    tensors: list[torch.Tensor] = []
+    skeleton = _split_tensors(payload, tensors) if dist.get_rank() == src else None
+    specs = [(tuple(t.shape), t.dtype) for t in tensors]
+    header = _broadcast_bytes(pickle.dumps((skeleton, specs)) if dist.get_rank() == src else b"", src, device)
+    skeleton, specs = pickle.loads(header)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, (_, dtype) in enumerate(specs):
+        by_dtype.setdefault(dtype, []).append(index)
+    received: list[torch.Tensor | None] = [None] * len(specs)
+    for dtype, indices in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+        numel = sum(int(torch.Size(specs[i][0]).numel()) for i in indices)
+        if dist.get_rank() == src:
+            flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(device)
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+        dist.broadcast(flat, src=src)
+        flat = flat.cpu()
+        offset = 0
+        for i in indices:
+            n = int(torch.Size(specs[i][0]).numel())
+            received[i] = flat[offset : offset + n].view(specs[i][0]).clone()
+            offset += n
+    return _join_tensors(skeleton, [t for t in received if t is not None])
+
+
+def _is_stateful(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+class State:
+    """Training state that survives failures and membership changes without a restart.
+
+    Args:
+        **items: objects with `state_dict`/`load_state_dict` and plain picklable values.
+            Plain values are attributes (`state.step += 1`).
+    """
+
+    def __init__(self, **items: Any):
+        object.__setattr__(self, "_session", get_session())
+        object.__setattr__(self, "_stateful", {k: v for k, v in items.items() if _is_stateful(v)})
+        object.__setattr__(self, "_attrs", {k: v for k, v in items.items() if not _is_stateful(v)})
+        object.__setattr__(self, "_callbacks", [])
+        object.__setattr__(self, "restored_from", "fresh")
+        object.__setattr__(self, "world_changed", False)
+        self._restore()
+
+    # -- attributes ------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        for table in ("_attrs", "_stateful"):
+            values = object.__getattribute__(self, table)
+            if name in values:
+                return values[name]
+        raise AttributeError(f"State has no item {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._stateful:
+            raise AttributeError(f"State item {name!r} holds a stateful object; load into it instead")
+        self._attrs[name] = value
+
+    @property
+    def context(self) -> TrainContext:
+        return self._session.context
+
+    @property
+    def commit_id(self) -> int:
+        return self._session.snapshots.commit_id
+
+    # -- commit ------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Take the in-memory snapshot; apply a pending membership change on all ranks together.
+
+        Raises:
+            MembershipChange: (internal) on every rank at once when the world is about to change;
+                the worker catches it, re-forms, and calls train_fn again.
+        """
+        session: Session = self._session
+        stop = session.stop_requested()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=self._comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        holder = session.snapshots
+        for name, obj in self._stateful.items():
+            holder.items[name] = _copy_into(holder.items.get(name), obj.state_dict())
+        holder.attrs = copy.deepcopy(self._attrs)
+        holder.commit_id += 1
+        holder.world_size = session.context.world_size
+        step = self._attrs.get("step")
+        session.last_committed_step = step if isinstance(step, int) else holder.commit_id
+        session.mark_progress()
+        if session.checkpointer is not None:
+            session.checkpointer.maybe_save(holder, session.context)
+        if stop:
+            raise MembershipChange()
+
+    def register_reset_callback(self, callback: Callable[[TrainContext], None]) -> None:
+        """Run `callback(ctx)` after each membership change (re-scale LR, re-shard data).
+
+        Registration happens on every (re-)entry of train_fn; when this entry follows a
+        change of world size, the callback runs at once with the new context.
+        """
+        self._callbacks.append(callback)
+        if self.world_changed:
+            callback(self.context)
+
+    # -- restore -----------------------------------------------------------------------------------
+    def _comm_device(self) -> torch.device:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            return self.context.device
+        return torch.device("cpu")
+
+    def _load(self, payload: dict[str, Any]) -> None:
+        for name, obj in self._stateful.items():
+            if name in payload["items"]:
+                # A private copy: optimizers may keep the tensors they are given, and the
+                # snapshot must not change when training mutates them in place.
+                obj.load_state_dict(copy.deepcopy(payload["items"][name]))
+        for name, value in payload["attrs"].items():
+            self._attrs[name] = copy.deepcopy(value)
+
+    def _restore(self) -> None:
+        session: Session = self._session
+        holder = session.snapshots
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if holder.commit_id < 0 and session.checkpointer is not None:
+            loaded = session.checkpointer.load_latest()
+            if loaded is not None:
+                holder.load_payload(loaded)
+                object.__setattr__(self, "restored_from", "storage")
+        mine = holder.commit_id
+        if not distributed:
+            if mine >= 0:
+                self._restore_own(holder)
+            return
+        device = self._comm_device()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        newest_t = torch.tensor([mine], dtype=torch.int64, device=device)
+        dist.all_reduce(newest_t, op=dist.ReduceOp.MAX)
+        newest = int(newest_t.item())
+        has = mine == newest
+        probe = torch.tensor([rank if has else world, 0 if has else 1], dtype=torch.int64, device=device)
+        src_t, lack_t = probe[:1].clone(), probe[1:].clone()
+        dist.all_reduce(src_t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(lack_t, op=dist.ReduceOp.MAX)
+        src, someone_lacks = int(src_t.item()), bool(lack_t.item())
+        if newest < 0:
+            # Nobody committed yet: make every rank start from rank 0's fresh state.
+            payload = broadcast_payload(self._fresh_payload() if rank == 0 else None, 0, device)
+            self._load(payload)
+            return
+        if someone_lacks:
+            payload = broadcast_payload(holder.as_payload() if rank == src else None, src, device)
+            if not has:
+                holder.load_payload(payload)
+                object.__setattr__(self, "restored_from", "peer")
+        self._restore_own(holder)
+
+    def _restore_own(self, holder: SnapshotHolder) -> None:
+        self._load(holder.as_payload())
+        if self.restored_from == "fresh":
+            object.__setattr__(self, "restored_from", "memory")
+        object.__setattr__(self, "world_changed", holder.world_size != self.context.world_size)
+
+    def _fresh_payload(self) -> dict[str, Any]:
+        return {
+            "commit_id": -1,
+            "items": {name: obj.state_dict() for name, obj in self._stateful.items()},
+            "attrs": self._attrs,
+            "world_size": self.context.world_size,
+        }

@@ -1,0 +1,6 @@
+"""Tools to try elasticity on one machine and to test training functions against faults."""
+
+from ray_elastic.testing.cluster import LocalCluster, local_cluster
+from ray_elastic.testing.faults import FaultInjector, InjectedFault, fail_at
+
+__all__ = ["FaultInjector", "InjectedFault", "LocalCluster", "fail_at", "local_cluster"]

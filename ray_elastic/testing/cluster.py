@@ -1,0 +1,146 @@
+"""A simulated multi-node Ray cluster on one machine, with handles to break it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+WORKER_NODE_RESOURCE = "ray_elastic_node"
+_signal_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _signals_allowed_off_main_thread() -> Iterator[None]:
+    """`Cluster.add_node` installs a SIGTERM handler, which only the main thread may do."""
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    with _signal_lock:
+        original = signal.signal
+        signal.signal = lambda *args, **kwargs: None  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            signal.signal = original
+
+
+class LocalCluster:
+    """Handles over a `ray.cluster_utils.Cluster`: a CPU-less head and N worker nodes.
+
+    Args:
+        num_nodes: worker nodes to start.
+        cpus_per_node: CPUs each worker node advertises.
+        gpus_per_node: fake GPUs per node (for placement tests; nothing uses them).
+        object_store_mb: object store per node.
+        health_check_period_ms, health_check_failure_threshold: Ray's node health
+            check on the head; a node is declared dead after about period × threshold.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int = 4,
+        cpus_per_node: int = 1,
+        gpus_per_node: int = 0,
+        object_store_mb: int = 80,
+        health_check_period_ms: int = 1000,
+        health_check_failure_threshold: int = 5,
+    ):
+        self.cpus_per_node = cpus_per_node
+        self.gpus_per_node = gpus_per_node
+        self.object_store_mb = object_store_mb
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "object_store_memory": object_store_mb * 1024 * 1024,
+                "_system_config": {
+                    "health_check_period_ms": health_check_period_ms,
+                    "health_check_failure_threshold": health_check_failure_threshold,
+                },
+            },
+        )
+        self.nodes: list[Any] = []
+        for _ in range(num_nodes):
+            self.add_node()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, cpus: int | None = None, gpus: int | None = None, wait: bool = True) -> Any:
+        """Start one more worker node; safe to call from any thread."""
+        with _signals_allowed_off_main_thread():
+            node = self.cluster.add_node(
+                num_cpus=self.cpus_per_node if cpus is None else cpus,
+                num_gpus=self.gpus_per_node if gpus is None else gpus,
+                resources={WORKER_NODE_RESOURCE: 1},
+                object_store_memory=self.object_store_mb * 1024 * 1024,
+                wait=wait,
+            )
+        self.nodes.append(node)
+        return node
+
+    @staticmethod
+    def node_id(node: Any) -> str:
+        return node.node_id
+
+    def processes_of(self, node: Any) -> list[psutil.Process]:
+        """Every process the node's raylet started (its workers included)."""
+        pids = []
+        for info in node.all_processes.get("raylet", []):
+            with contextlib.suppress(psutil.Error):
+                pids.extend(psutil.Process(info.process.pid).children(recursive=True))
+        return pids
+
+    def kill_node(self, node: Any, graceful: bool = False) -> None:
+        """Remove a node; ungraceful kills its raylet and then any process it left behind."""
+        leftovers = self.processes_of(node)
+        self.cluster.remove_node(node, allow_graceful=graceful)
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    @staticmethod
+    def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
+        os.kill(pid, sig)
+
+    def shutdown(self) -> None:
+        leftovers = [p for node in self.nodes for p in self.processes_of(node)]
+        if ray.is_initialized():
+            ray.shutdown()
+        self.cluster.shutdown()
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@contextlib.contextmanager
+def local_cluster(num_nodes: int = 4, cpus_per_node: int = 1, connect: bool = True, **kwargs: Any) -> Iterator[LocalCluster]:
+    """A simulated cluster for tests, examples and laptops; connects this process to it.
+
+    Yields:
+        LocalCluster with `add_node()`, `kill_node(node, graceful=False)` and `nodes`.
+    """
+    cluster = LocalCluster(num_nodes=num_nodes, cpus_per_node=cpus_per_node, **kwargs)
+    try:
+        if connect:
+            ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        deadline = time.monotonic() + 30
+        while connect and time.monotonic() < deadline:
+            alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE)]
+            if len(alive) >= num_nodes:
+                break
+            time.sleep(0.1)
+        yield cluster
+    finally:
+        cluster.shutdown()

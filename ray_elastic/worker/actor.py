@@ -1,0 +1,210 @@
+"""The worker: one process slot that runs train_fn round after round without restarting.
+
+A plain class; `RayWorkerGroup` makes it a threaded actor so that its control
+methods (`probe`, `request_stop`, `abort`) answer while `run_round` trains.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import threading
+import traceback
+from typing import Any, Callable
+
+from ray_elastic.config import RunConfig
+from ray_elastic.context import Session, TrainContext, set_session
+from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, WorkerOutcome
+from ray_elastic.state import MembershipChange, SnapshotHolder
+from ray_elastic.worker.process_group import GroupHandle, is_communication_error
+
+
+def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
+    """The environment torchrun gives a worker in the same place."""
+    a = spec.assignment
+    return {
+        "RANK": str(a.rank),
+        "LOCAL_RANK": str(a.local_rank),
+        "WORLD_SIZE": str(a.world_size),
+        "LOCAL_WORLD_SIZE": str(a.local_world_size),
+        "GROUP_RANK": str(a.node_rank),
+        "ROLE_RANK": str(a.rank),
+        "ROLE_WORLD_SIZE": str(a.world_size),
+        "NODE_RANK": str(a.node_rank),
+        "MASTER_ADDR": spec.store_host,
+        "MASTER_PORT": str(spec.store_port),
+        "TORCHELASTIC_RESTART_COUNT": str(spec.restart_count),
+        "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+        "TORCHELASTIC_RUN_ID": run_id,
+    }
+
+
+class ElasticWorker:
+    """Runs train_fn in rounds; keeps its process, imports and snapshot between them.
+
+    Args:
+        config: the run's configuration.
+        train_fn: the user's function, taking `config` (or nothing).
+        train_config: the value passed to train_fn.
+        worker_id: stable id of this slot instance.
+        node_id: Ray node id this worker runs on.
+        checkpointer: optional durable checkpointer (see `checkpoint.py`).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        train_fn: Callable[..., Any],
+        train_config: Any,
+        worker_id: str,
+        node_id: str,
+        checkpointer: Any = None,
+    ):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch  # noqa: F401 - warm up the import before joining a round
+
+        self.config = config
+        self.train_fn = train_fn
+        self.train_config = train_config
+        self.worker_id = worker_id
+        self.node_id = node_id
+        self.checkpointer = checkpointer
+        self.snapshots = SnapshotHolder()
+        self._lock = threading.Lock()
+        self._round_id = -1
+        self._group: GroupHandle | None = None
+        self._session: Session | None = None
+        self._stop = threading.Event()
+        self._aborted: set[int] = set()
+
+    # -- control path ------------------------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Answered once imports are done: the worker can join a round."""
+        return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id}
+
+    def probe(self, round_id: int) -> Heartbeat:
+        session = self._session
+        if session is None or self._round_id != round_id:
+            return Heartbeat(self.worker_id, round_id, -1, None)
+        return Heartbeat(
+            self.worker_id, round_id, session.progress_count, session.last_committed_step, session.drain_reports()
+        )
+
+    def request_stop(self, round_id: int) -> None:
+        with self._lock:
+            if self._round_id == round_id:
+                self._stop.set()
+
+    def abort(self, round_id: int) -> int:
+        """Break this round's collectives so the training thread leaves the round."""
+        with self._lock:
+            if self._round_id != round_id:
+                return 0
+            self._aborted.add(round_id)
+            group = self._group
+        return group.sever() if group is not None else 0
+
+    # -- training path -----------------------------------------------------------------------------
+    def _device(self, local_rank: int):
+        import torch
+
+        if self.config.use_gpu and torch.cuda.is_available():
+            return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
+        return torch.device("cpu")
+
+    def run_round(self, spec: RoundSpec) -> WorkerOutcome:
+        """Join round `spec.round_id`, run train_fn in it, and report how it ended."""
+        import torch.distributed as dist
+
+        a = spec.assignment
+        with self._lock:
+            if spec.round_id <= self._round_id:
+                return WorkerOutcome(self.worker_id, spec.round_id, OutcomeKind.ABORTED, message="stale round")
+            self._round_id = spec.round_id
+            self._stop.clear()
+        os.environ.update(torchrun_env(spec, self.config.run_id))
+        device = self._device(a.local_rank)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        context = TrainContext(
+            rank=a.rank,
+            local_rank=a.local_rank,
+            world_size=a.world_size,
+            local_world_size=a.local_world_size,
+            node_rank=a.node_rank,
+            num_nodes=a.num_nodes,
+            restart_count=spec.restart_count,
+            round_id=spec.round_id,
+            run_id=self.config.run_id,
+            node_id=self.node_id,
+            device=device,
+        )
+        session = Session(context, self.snapshots, self.checkpointer, on_stop_check=self._stop.is_set)
+        session.last_committed_step = self._last_step()
+        store = None
+        try:
+            store = dist.TCPStore(
+                spec.store_host,
+                spec.store_port,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=max(30.0, self.config.abort_timeout_s)),
+            )
+            group = GroupHandle(
+                self.config.worker_backend,
+                dist.PrefixStore(f"round{spec.round_id}", store),
+                spec.store_port,
+                a.rank,
+                a.world_size,
+                self.config.collective_timeout_s,
+                device_id=device if device.type == "cuda" else None,
+            )
+            with self._lock:
+                self._group = group
+                aborted_early = spec.round_id in self._aborted
+            if aborted_early:
+                group.sever()
+            self._session = session
+            set_session(session)
+            value = self._call_train_fn()
+            return self._outcome(spec, OutcomeKind.DONE, value=value, session=session)
+        except MembershipChange:
+            return self._outcome(spec, OutcomeKind.STOPPED, session=session)
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported, none escapes
+            if self._group is not None:
+                self._group.sever()  # unblock peers at once; they are waiting on us
+            if spec.round_id in self._aborted:
+                return self._outcome(spec, OutcomeKind.ABORTED, session=session, message=str(exc))
+            return self._outcome(
+                spec,
+                OutcomeKind.FAILED,
+                session=session,
+                message=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                communication=is_communication_error(exc),
+            )
+        finally:
+            set_session(None)
+            with self._lock:
+                group, self._group = self._group, None
+            if group is not None:
+                group.destroy()
+            del store
+
+    def _last_step(self) -> int | None:
+        step = self.snapshots.attrs.get("step")
+        return step if isinstance(step, int) else None
+
+    def _call_train_fn(self) -> Any:
+        try:
+            takes_config = len(inspect.signature(self.train_fn).parameters) > 0
+        except (TypeError, ValueError):
+            takes_config = True
+        return self.train_fn(self.train_config) if takes_config else self.train_fn()
+
+    def _outcome(self, spec: RoundSpec, kind: OutcomeKind, session: Session, **fields: Any) -> WorkerOutcome:
+        return WorkerOutcome(
+            self.worker_id, spec.round_id, kind, step=session.last_committed_step, **fields
+        )
