@@ -7,11 +7,12 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from ray import cloudpickle
 import ray
+from ray import cloudpickle
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -35,6 +36,7 @@ class RunResult:
         rounds: history of rounds: (round_id, world_size, num_nodes, started_at, cause).
         events: every transition as a structured event.
         metrics_history: rank 0's reports with time, round id and world size.
+        worker_pids: every worker process the run started (all gone once `run` returns).
     """
 
     return_values: list[Any]
@@ -44,6 +46,7 @@ class RunResult:
     events: list[Event] = field(default_factory=list)
     metrics_history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
+    worker_pids: list[int] = field(default_factory=list)
 
 
 def _find_unpicklable(fn: Callable[..., Any]) -> str | None:
@@ -203,6 +206,7 @@ def run(
         events=summary.events,
         metrics_history=summary.metrics_history,
         run_id=run_id,
+        worker_pids=summary.worker_pids,
     )
 
 

@@ -10,7 +10,7 @@ from ray_elastic.errors import ConfigError
 
 class Checkpointer:
     @classmethod
-    def for_run(cls, config: RunConfig) -> "Checkpointer":
+    def for_run(cls, config: RunConfig) -> Checkpointer:
         raise ConfigError("storage_path is not supported yet")
 
     def maybe_save(self, holder: Any, context: Any) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ray_elastic.errors import ConfigError
 
@@ -33,12 +34,15 @@ class RunConfig:
     wait_for_nodes_timeout_s: float = 60.0
     hang_timeout_s: float | None = 300.0
     abort_timeout_s: float = 5.0
+    probe_timeout_s: float = 2.0
     heartbeat_interval_s: float = 0.5
     join_debounce_s: float = 0.5
     initial_gather_s: float = 2.0
     collective_timeout_s: float = 1800.0
     node_poll_interval_s: float = 1.0
     event_log_path: str | None = None
+    # False for train_fns that form their own group (the torchrun-compatible CLI).
+    init_process_group: bool = True
 
     @property
     def worker_backend(self) -> str:
@@ -113,6 +117,7 @@ def validate(config: RunConfig) -> RunConfig:
     for name in (
         "wait_for_nodes_timeout_s",
         "abort_timeout_s",
+        "probe_timeout_s",
         "heartbeat_interval_s",
         "join_debounce_s",
         "initial_gather_s",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ class TrainContext:
     round_id: int
     run_id: str
     node_id: str
-    device: "torch.device"
+    device: torch.device
 
 
 class Session:
@@ -41,7 +42,7 @@ class Session:
     def __init__(
         self,
         context: TrainContext,
-        snapshots: "SnapshotHolder",
+        snapshots: SnapshotHolder,
         checkpointer: Any = None,
         on_stop_check: Callable[[], bool] | None = None,
     ):
@@ -55,6 +56,19 @@ class Session:
         self.progress_count = 0
         self.last_progress = time.monotonic()
         self.last_committed_step: int | None = None
+        self._interrupt_handlers: list[Callable[[str], None]] = []
+
+    def add_interrupt_handler(self, handler: Callable[[str], None]) -> None:
+        """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
+
+        For train_fns that wait on something other than collectives (a subprocess,
+        say), so that they can leave the round promptly.
+        """
+        self._interrupt_handlers.append(handler)
+
+    def interrupt(self, reason: str) -> None:
+        for handler in list(self._interrupt_handlers):
+            handler(reason)
 
     def mark_progress(self) -> None:
         self.progress_count += 1

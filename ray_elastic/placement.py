@@ -5,8 +5,8 @@ Nodes are identified by node id, never by IP: simulated nodes share one IP.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group

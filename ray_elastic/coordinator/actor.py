@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ray import cloudpickle
 import ray
+from ray import cloudpickle
 
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.controller import Controller, RunSummary
@@ -52,7 +52,7 @@ class Coordinator:
         }
 
     def worker_pids(self) -> list[int]:
-        return sorted(self.group.worker_pids)
+        return self.group.worker_pids()
 
     def ping(self) -> bool:
         return True

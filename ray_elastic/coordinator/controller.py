@@ -8,8 +8,9 @@ its reason as an event.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator import policy
@@ -100,6 +101,7 @@ class RunSummary:
     rounds: list[RoundRecord]
     events: list[Any]
     metrics_history: list[dict[str, Any]]
+    worker_pids: list[int] = field(default_factory=list)
     error: Exception | None = None
 
 
@@ -128,6 +130,7 @@ class Controller:
         self.rounds: list[RoundRecord] = []
         self.metrics: dict[str, Any] | None = None
         self.metrics_history: list[dict[str, Any]] = []
+        self._metrics_time = float("-inf")
         self.last_step: dict[str, int | None] = {}
         self._abort_reason: str | None = None
         self._last_refresh = float("-inf")
@@ -167,7 +170,8 @@ class Controller:
             restarts=self.restarts,
             rounds=list(self.rounds),
             events=list(self.events.events),
-            metrics_history=list(self.metrics_history),
+            metrics_history=sorted(self.metrics_history, key=lambda m: m["time"]),
+            worker_pids=self.group.worker_pids(),
             error=state.error if isinstance(state, Failed) else (
                 RunAbortedError(state.reason) if isinstance(state, Aborted) else None
             ),
@@ -182,8 +186,7 @@ class Controller:
         if now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
             self.group.refresh(now)
-        members = set(self.previous_order) if isinstance(self.state, (Running, Restarting)) else set()
-        ready = {g.node_id for g in self.group.ready_groups()} - members
+        ready = {g.node_id for g in self.group.ready_groups()} - set(self.previous_order)
         if ready - self._ready_seen:
             self._last_ready_change = now
             for node_id in sorted(ready - self._ready_seen):
@@ -262,28 +265,40 @@ class Controller:
             progress_count={w: -1 for w in members},
         )
 
+    def _record_reports(self, plan: RoundPlan, worker_id: str, reports: list[tuple[float, dict[str, Any]]]) -> None:
+        """Keep rank 0's reports: the latest as `metrics`, all of them as history."""
+        if not reports or worker_id != plan.worker_ids[0]:
+            return
+        for stamp, metrics in reports:
+            self.metrics_history.append(
+                {"time": stamp, "round_id": plan.round_id, "world_size": plan.world_size, **metrics}
+            )
+        stamp, latest = reports[-1]
+        if stamp >= self._metrics_time:  # probe answers may arrive after the final outcome
+            self._metrics_time = stamp
+            self.metrics = dict(latest)
+
+    def _record_outcomes(self, state: Running | Restarting) -> None:
+        for outcome in self.group.wait(self.poll_s):
+            state.outcomes[outcome.worker_id] = outcome
+            if outcome.step is not None:
+                self.last_step[outcome.worker_id] = outcome.step
+            self._record_reports(state.plan, outcome.worker_id, outcome.reports)
+
     def _record_heartbeats(self, state: Running | Restarting, now: float) -> None:
         for beat in self.group.probe(state.plan.round_id):
+            self._record_reports(state.plan, beat.worker_id, beat.reports)
             if isinstance(state, Restarting):
                 state.last_answer[beat.worker_id] = now
                 continue
             if beat.progress != state.progress_count.get(beat.worker_id):
                 state.progress_count[beat.worker_id] = beat.progress
                 state.last_progress[beat.worker_id] = now
-            self.last_step[beat.worker_id] = beat.step
-            if beat.reports and beat.worker_id == state.plan.worker_ids[0]:
-                for stamp, metrics in beat.reports:
-                    self.metrics_history.append(
-                        {"time": stamp, "round_id": state.plan.round_id,
-                         "world_size": state.plan.world_size, **metrics}
-                    )
-                self.metrics = dict(beat.reports[-1][1])
+            if beat.step is not None:
+                self.last_step[beat.worker_id] = beat.step
 
     def _on_running(self, state: Running, now: float) -> State:
-        for outcome in self.group.wait(self.poll_s):
-            state.outcomes[outcome.worker_id] = outcome
-            if outcome.step is not None:
-                self.last_step[outcome.worker_id] = outcome.step
+        self._record_outcomes(state)
         now = self.clock()
         members = state.plan.worker_ids
         failed = [o for o in state.outcomes.values() if o.is_failure]
@@ -333,14 +348,13 @@ class Controller:
         )
 
     def _on_restarting(self, state: Restarting, now: float) -> State:
-        for outcome in self.group.wait(self.poll_s):
-            state.outcomes[outcome.worker_id] = outcome
+        self._record_outcomes(state)
         now = self.clock()
         self._record_heartbeats(state, now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         if unsettled:
             silent = policy.unresponsive(
-                state.last_answer, unsettled, now, min(1.0, self.config.abort_timeout_s)
+                state.last_answer, unsettled, now, self.config.probe_timeout_s
             )
             overdue = unsettled if now - state.since > self.config.abort_timeout_s else []
             to_kill = sorted(set(silent) | set(overdue))

@@ -50,6 +50,10 @@ class WorkerGroup(abc.ABC):
     def kill(self, worker_ids: list[str], reason: str) -> None:
         """Kill these workers; replacements start where their node is still alive."""
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of every worker the run started (for leak checks)."""
+        return []
+
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Release every worker, placement group and store of the run."""

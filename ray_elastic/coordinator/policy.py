@@ -6,8 +6,8 @@ views of the world in, and acts on the values that come back.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from ray_elastic.coordinator.types import NodeGroup, OutcomeKind, WorkerOutcome
 

@@ -79,7 +79,7 @@ class RayWorkerGroup(WorkerGroup):
         self._probe_refs: dict[Any, str] = {}
         self._members: list[str] = []
         self._worker_cls = ray.remote(ElasticWorker)
-        self.worker_pids: set[int] = set()
+        self._pids: set[int] = set()
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -132,7 +132,7 @@ class RayWorkerGroup(WorkerGroup):
                     try:
                         info = ray.get(ref)
                         slot.pid = info["pid"]
-                        self.worker_pids.add(info["pid"])
+                        self._pids.add(info["pid"])
                         slot.status = READY
                     except RayError:
                         logger.warning("worker %s failed to start", slot.worker_id, exc_info=True)
@@ -151,7 +151,7 @@ class RayWorkerGroup(WorkerGroup):
         }
         if self.config.bundle.get("GPU"):
             options["num_gpus"] = self.config.bundle["GPU"]
-        actor = self._worker_cls.options(**options).remote(
+        actor: Any = self._worker_cls.options(**options).remote(
             self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer
         )
         return _Slot(worker_id, index, actor, actor.ready.remote())
@@ -204,7 +204,8 @@ class RayWorkerGroup(WorkerGroup):
             time.sleep(timeout_s)
             return []
         ray.wait(watched, num_returns=1, timeout=timeout_s)
-        done, _ = ray.wait(list(self._round_refs), num_returns=len(self._round_refs), timeout=0) if self._round_refs else ([], [])
+        pending = list(self._round_refs)
+        done = ray.wait(pending, num_returns=len(pending), timeout=0)[0] if pending else []
         outcomes = []
         for ref in done:
             worker_id = self._round_refs.pop(ref)
@@ -245,6 +246,10 @@ class RayWorkerGroup(WorkerGroup):
                 slot.actor.request_stop.remote(round_id)
 
     def abort(self, round_id: int, worker_ids: list[str]) -> None:
+        if round_id == self.round_id and self.store is not None:
+            # Ranks still forming the group wait on the store: closing it frees them.
+            self.store.close()
+            self.store = None
         for worker_id in worker_ids:
             slot = self._slot(worker_id)
             if slot is not None and slot.status != DEAD:
@@ -262,6 +267,9 @@ class RayWorkerGroup(WorkerGroup):
             for ref, wid in list(self._round_refs.items()):
                 if wid == worker_id:
                     del self._round_refs[ref]
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self._pids)
 
     def shutdown(self) -> None:
         for node_id in list(self.nodes):

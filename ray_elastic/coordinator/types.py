@@ -99,6 +99,7 @@ class WorkerOutcome:
     traceback: str = ""
     communication: bool = False  # the exception came from a collective losing a peer
     step: int | None = None
+    reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # not yet probed
 
     @property
     def is_failure(self) -> bool:

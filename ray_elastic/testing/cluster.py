@@ -7,7 +7,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import ray
@@ -125,7 +126,9 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(num_nodes: int = 4, cpus_per_node: int = 1, connect: bool = True, **kwargs: Any) -> Iterator[LocalCluster]:
+def local_cluster(
+    num_nodes: int = 4, cpus_per_node: int = 1, connect: bool = True, **kwargs: Any
+) -> Iterator[LocalCluster]:
     """A simulated cluster for tests, examples and laptops; connects this process to it.
 
     Yields:

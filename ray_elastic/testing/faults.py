@@ -36,19 +36,19 @@ class Fault:
 class FaultInjector:
     faults: list[Fault] = field(default_factory=list)
 
-    def _add(self, kind: str, rank: int, step: int, restart_count: int) -> "FaultInjector":
+    def _add(self, kind: str, rank: int, step: int, restart_count: int) -> FaultInjector:
         self.faults.append(Fault(kind, rank, step, restart_count))
         return self
 
-    def fail_at(self, rank: int, step: int, restart_count: int = 0) -> "FaultInjector":
+    def fail_at(self, rank: int, step: int, restart_count: int = 0) -> FaultInjector:
         """train_fn raises InjectedFault on `rank` at `step`."""
         return self._add("raise", rank, step, restart_count)
 
-    def kill_at(self, rank: int, step: int, restart_count: int = 0) -> "FaultInjector":
+    def kill_at(self, rank: int, step: int, restart_count: int = 0) -> FaultInjector:
         """The worker process of `rank` SIGKILLs itself at `step`."""
         return self._add("kill", rank, step, restart_count)
 
-    def hang_at(self, rank: int, step: int, restart_count: int = 0) -> "FaultInjector":
+    def hang_at(self, rank: int, step: int, restart_count: int = 0) -> FaultInjector:
         """The worker process of `rank` SIGSTOPs itself at `step` (a hang the watchdog must catch)."""
         return self._add("hang", rank, step, restart_count)
 

@@ -11,7 +11,8 @@ import inspect
 import os
 import threading
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
@@ -93,8 +94,12 @@ class ElasticWorker:
 
     def request_stop(self, round_id: int) -> None:
         with self._lock:
-            if self._round_id == round_id:
-                self._stop.set()
+            if self._round_id != round_id:
+                return
+            self._stop.set()
+            session = self._session
+        if session is not None:
+            session.interrupt("stop")
 
     def abort(self, round_id: int) -> int:
         """Break this round's collectives so the training thread leaves the round."""
@@ -103,6 +108,9 @@ class ElasticWorker:
                 return 0
             self._aborted.add(round_id)
             group = self._group
+            session = self._session
+        if session is not None:
+            session.interrupt("abort")
         return group.sever() if group is not None else 0
 
     # -- training path -----------------------------------------------------------------------------
@@ -152,7 +160,7 @@ class ElasticWorker:
                 is_master=False,
                 timeout=datetime.timedelta(seconds=max(30.0, self.config.abort_timeout_s)),
             )
-            group = GroupHandle(
+            group = None if not self.config.init_process_group else GroupHandle(
                 self.config.worker_backend,
                 dist.PrefixStore(f"round{spec.round_id}", store),
                 spec.store_port,
@@ -163,10 +171,10 @@ class ElasticWorker:
             )
             with self._lock:
                 self._group = group
+                self._session = session
                 aborted_early = spec.round_id in self._aborted
             if aborted_early:
-                group.sever()
-            self._session = session
+                return self._outcome(spec, OutcomeKind.ABORTED, session=session, message="aborted while forming")
             set_session(session)
             value = self._call_train_fn()
             return self._outcome(spec, OutcomeKind.DONE, value=value, session=session)
@@ -189,6 +197,7 @@ class ElasticWorker:
             set_session(None)
             with self._lock:
                 group, self._group = self._group, None
+                self._session = None
             if group is not None:
                 group.destroy()
             del store
@@ -206,5 +215,6 @@ class ElasticWorker:
 
     def _outcome(self, spec: RoundSpec, kind: OutcomeKind, session: Session, **fields: Any) -> WorkerOutcome:
         return WorkerOutcome(
-            self.worker_id, spec.round_id, kind, step=session.last_committed_step, **fields
+            self.worker_id, spec.round_id, kind, step=session.last_committed_step,
+            reports=session.drain_reports(), **fields
         )

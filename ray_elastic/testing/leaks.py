@@ -1,0 +1,66 @@
+"""Checks that a finished run left nothing behind: actors, placement groups, processes."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import ray
+import ray._private.state as ray_state
+
+_RUN_CLASSES = ("ElasticWorker", "Coordinator")
+
+
+def live_run_actors() -> list[dict]:
+    """ray_elastic actors (workers, coordinators) that Ray still counts as alive."""
+    table = ray_state.actors() or {}
+    return [
+        info for info in table.values()
+        if info.get("State") not in ("DEAD",) and any(c in str(info.get("ActorClassName", "")) for c in _RUN_CLASSES)
+    ]
+
+
+def live_run_placement_groups() -> list[dict]:
+    """ray_elastic placement groups not yet removed."""
+    table = ray.util.placement_group_table() or {}
+    return [
+        info for info in table.values()
+        if str(info.get("name", "")).startswith("ray_elastic-") and info.get("state") != "REMOVED"
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _titled_processes() -> list[int]:
+    """Processes Ray titled after a ray_elastic actor (`ray::ElasticWorker...`)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES):
+            found.append(proc.pid)
+    return found
+
+
+def find_leaks(worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0) -> list[str]:
+    """Wait up to timeout_s for the run's leftovers to go; return what is still there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        leaks = [f"actor {a.get('ActorClassName')} {a.get('State')}" for a in live_run_actors()]
+        leaks += [f"placement group {p.get('name')} {p.get('state')}" for p in live_run_placement_groups()]
+        pids = set(worker_pids) | set(_titled_processes())
+        leaks += [f"worker process {pid}" for pid in sorted(pids) if _alive(pid)]
+        if not leaks or time.monotonic() >= deadline:
+            return leaks
+        time.sleep(0.2)
+
+
+def assert_no_leaks(worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0) -> None:
+    """Raise AssertionError naming whatever the run left behind after timeout_s."""
+    leaks = find_leaks(worker_pids, timeout_s)
+    if leaks:
+        raise AssertionError("run left behind: " + ", ".join(leaks))

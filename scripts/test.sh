@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README): set up .venv if needed, then lint, type-check and run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 || .venv/bin/pip install -q "torch>=2.3"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+export OMP_NUM_THREADS=1 RAY_DEDUP_LOGS=0 PYTHONUNBUFFERED=1
+cleanup() { .venv/bin/ray stop --force >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+.venv/bin/ruff check ray_elastic tests examples benchmarks
+.venv/bin/mypy ray_elastic
+mkdir -p test-output
+.venv/bin/python -m pytest -p no:cacheprovider -q "$@"

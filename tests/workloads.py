@@ -1,0 +1,66 @@
+"""Training functions shared by the cluster tests (pickled by value into workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import ray_elastic
+
+ENV_KEYS = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+)
+
+
+def weights_digest(module: torch.nn.Module) -> list[float]:
+    return [float(p.detach().double().sum()) for p in module.parameters()]
+
+
+def ddp_train(config: dict) -> dict:
+    """A small float64 DDP model; logs every committed step in the state itself.
+
+    config: steps, sleep_s (per step), faults (FaultInjector or None), width.
+    """
+    ctx = ray_elastic.get_context()
+    torch.manual_seed(1234 + ctx.rank)  # different on purpose: State must make them equal
+    width = config.get("width", 8)
+    net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).double()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], worlds=[])
+    resets: list[int] = []
+    state.register_reset_callback(lambda c: resets.append(c.world_size))
+    faults = config.get("faults")
+    generator = torch.Generator().manual_seed(ctx.rank)
+    loss = torch.tensor(0.0)
+    while state.step < config["steps"]:
+        if faults is not None:
+            faults.check(state.step)
+        x = torch.randn(16, width, dtype=torch.float64, generator=generator)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state.step += 1
+        state.log.append(state.step)
+        state.worlds.append(ctx.world_size)
+        state.commit()
+        ray_elastic.report({"step": state.step, "loss": loss.item(), "world_size": ctx.world_size})
+        if config.get("sleep_s"):
+            time.sleep(config["sleep_s"])
+    return {
+        "rank": ctx.rank,
+        "context": {k: getattr(ctx, k) for k in (
+            "rank", "local_rank", "world_size", "local_world_size", "node_rank", "num_nodes",
+            "restart_count", "round_id")},
+        "env": {k: os.environ.get(k) for k in ENV_KEYS},
+        "log": list(state.log),
+        "worlds": list(state.worlds),
+        "weights": weights_digest(net),
+        "restored_from": state.restored_from,
+        "resets": resets,
+        "pid": os.getpid(),
+    }
