@@ -13,14 +13,16 @@ from typing import Any
 
 import ray
 from ray import cloudpickle
+from ray._raylet import PlacementGroupID
 from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_elastic.config import RunConfig, validate
 from ray_elastic.coordinator.actor import Coordinator
 from ray_elastic.coordinator.controller import RunSummary
 from ray_elastic.errors import ConfigError, CoordinatorLostError
-from ray_elastic.events import Event, RoundRecord
+from ray_elastic.events import Event, RoundRecord, resolve_log_path
 from ray_elastic.placement import check_feasible, cluster_nodes
 from ray_elastic.progress import make_progress
 
@@ -122,6 +124,7 @@ def run(
     event_log_path: str | None = None,
     progress: str = "auto",
     ray_address: str | None = None,
+    init_process_group: bool = True,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -144,6 +147,7 @@ def run(
         event_log_path: also write events as JSON lines here.
         progress: "auto", "bar", "log" or "none".
         ray_address: cluster to connect to (default: RAY_ADDRESS, else a local Ray).
+        init_process_group: False for train_fns that form their own group (the CLI's scripts).
 
     Returns:
         RunResult of the final round.
@@ -173,7 +177,8 @@ def run(
             abort_timeout_s=abort_timeout_s,
             join_debounce_s=join_debounce_s,
             collective_timeout_s=collective_timeout_s,
-            event_log_path=event_log_path,
+            event_log_path=resolve_log_path(event_log_path),
+            init_process_group=init_process_group,
         )
     )
     if progress not in ("auto", "bar", "log", "none"):
@@ -186,15 +191,22 @@ def run(
         checkpointer = Checkpointer.for_run(cfg)
     _connect(ray_address)
     check_feasible(cfg, cluster_nodes())
-    coordinator = (
-        ray.remote(Coordinator)
-        .options(
-            num_cpus=0,
-            max_concurrency=8,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    try:
+        coordinator = (
+            ray.remote(Coordinator)
+            .options(
+                name=coordinator_name(run_id),
+                num_cpus=0,
+                max_concurrency=8,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            )
+            .remote(cfg, blob, checkpointer)
         )
-        .remote(cfg, blob, checkpointer)
-    )
+    except ValueError as exc:  # the actor name is taken: a run of this name is live
+        raise ConfigError(
+            f"a run named {run_id!r} is already running on this Ray cluster; wait for it to end or choose "
+            f"another name."
+        ) from exc
     summary = _drive(coordinator, cfg, make_progress(progress))
     if summary.error is not None:
         raise summary.error
@@ -228,9 +240,15 @@ def _drive(coordinator: Any, cfg: RunConfig, display: Any) -> RunSummary:
         try:
             return ray.get(run_ref)
         except RayActorError as exc:
+            hint = (
+                f"Run again with storage_path={cfg.storage_path!r}, name={cfg.run_id!r} and resume=True to "
+                f"continue from the newest complete checkpoint"
+                if cfg.storage_path
+                else "No storage_path was set, so nothing durable is left; set storage_path= to be able to resume"
+            )
             raise CoordinatorLostError(
                 f"the coordinator of run {cfg.run_id!r} died ({str(exc).splitlines()[0]}); its workers "
-                f"were torn down. Run again with resume=True and the same name to continue from storage"
+                f"were torn down. {hint}"
             ) from exc
     except BaseException:
         coordinator.abort.remote("driver interrupted")
@@ -243,3 +261,23 @@ def _drive(coordinator: Any, cfg: RunConfig, display: Any) -> RunSummary:
     finally:
         display.close()
         ray.kill(coordinator, no_restart=True)
+        _remove_placement_groups(cfg.run_id)  # they outlive a coordinator that died
+
+
+def coordinator_name(run_id: str) -> str:
+    """The Ray actor name of a run's coordinator (find it with `ray.get_actor`)."""
+    return f"ray_elastic-coordinator-{run_id}"
+
+
+def _remove_placement_groups(run_id: str) -> None:
+    """Remove the run's node placement groups (`ray_elastic-<run_id>-<node id[:8]>`) still standing."""
+    prefix = f"ray_elastic-{run_id}-"
+    for info in (ray.util.placement_group_table() or {}).values():
+        pg_name = str(info.get("name", ""))
+        suffix = pg_name[len(prefix):]
+        if not pg_name.startswith(prefix) or "-" in suffix or info.get("state") == "REMOVED":
+            continue
+        try:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(info["placement_group_id"])))
+        except Exception:  # noqa: BLE001 - already gone
+            pass

@@ -32,6 +32,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     # Timeouts and cadences.
     wait_for_nodes_timeout_s: float = 60.0
+    worker_start_timeout_s: float = 180.0
     hang_timeout_s: float | None = 300.0
     abort_timeout_s: float = 5.0
     probe_timeout_s: float = 2.0
@@ -116,6 +117,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require_int("keep_checkpoints", config.keep_checkpoints, 1)
     for name in (
         "wait_for_nodes_timeout_s",
+        "worker_start_timeout_s",
         "abort_timeout_s",
         "probe_timeout_s",
         "heartbeat_interval_s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,31 @@ class RoundRecord:
     num_nodes: int
     started_at: float
     cause: str
+
+
+def resolve_log_path(path: str | None) -> str | None:
+    """Make an event-log path absolute and check it can be appended to, before any actor starts.
+
+    The coordinator writes the file, on the driver's node but from its own working
+    directory, so a relative path is resolved against the driver's.
+
+    Raises:
+        ConfigError: the file cannot be opened for appending.
+    """
+    if path is None:
+        return None
+    from ray_elastic.errors import ConfigError
+
+    resolved = os.path.abspath(os.fspath(path))
+    try:
+        with open(resolved, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"event_log_path {path!r} cannot be written ({exc.strerror}); pass a file in an existing, "
+            f"writable directory, or None."
+        ) from exc
+    return resolved
 
 
 class EventLog:

@@ -240,11 +240,8 @@ class State:
         session: Session = self._session
         holder = session.snapshots
         distributed = dist.is_initialized() and dist.get_world_size() > 1
-        if holder.commit_id < 0 and session.checkpointer is not None:
-            loaded = session.checkpointer.load_latest()
-            if loaded is not None:
-                holder.load_payload(loaded)
-                object.__setattr__(self, "restored_from", "storage")
+        if holder.commit_id < 0 and session.checkpointer is not None and not distributed:
+            self._load_from_storage(holder)
         mine = holder.commit_id
         if not distributed:
             if mine >= 0:
@@ -255,6 +252,15 @@ class State:
         newest_t = torch.tensor([mine], dtype=torch.int64, device=device)
         dist.all_reduce(newest_t, op=dist.ReduceOp.MAX)
         newest = int(newest_t.item())
+        from_storage = newest < 0 and session.checkpointer is not None
+        if from_storage:
+            # No live rank holds a commit (a resumed run, or every worker lost): rank 0 reads
+            # the newest durable checkpoint and the broadcast below hands it to the others.
+            if rank == 0:
+                self._load_from_storage(holder)
+            newest_t = torch.tensor([holder.commit_id], dtype=torch.int64, device=device)
+            dist.broadcast(newest_t, src=0)
+            mine, newest = holder.commit_id, int(newest_t.item())
         has = mine == newest
         probe = torch.tensor([rank if has else world, 0 if has else 1], dtype=torch.int64, device=device)
         src_t, lack_t = probe[:1].clone(), probe[1:].clone()
@@ -270,8 +276,14 @@ class State:
             payload = broadcast_payload(holder.as_payload() if rank == src else None, src, device)
             if not has:
                 holder.load_payload(payload)
-                object.__setattr__(self, "restored_from", "peer")
+                object.__setattr__(self, "restored_from", "storage" if from_storage else "peer")
         self._restore_own(holder)
+
+    def _load_from_storage(self, holder: SnapshotHolder) -> None:
+        loaded = self._session.checkpointer.load_latest()
+        if loaded is not None:
+            holder.load_payload(loaded)
+            object.__setattr__(self, "restored_from", "storage")
 
     def _restore_own(self, holder: SnapshotHolder) -> None:
         self._load(holder.as_payload())

@@ -12,6 +12,7 @@ from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.controller import Controller, RunSummary
 from ray_elastic.coordinator.ray_group import RayWorkerGroup
 from ray_elastic.events import EventLog
+from ray_elastic.metrics import MetricsExporter
 
 
 class Coordinator:
@@ -28,7 +29,9 @@ class Coordinator:
         self.group = RayWorkerGroup(
             config, train_fn, train_config, ray.util.get_node_ip_address(), checkpointer
         )
-        self.controller = Controller(config, self.group, EventLog(config.run_id, config.event_log_path))
+        self.controller = Controller(
+            config, self.group, EventLog(config.run_id, config.event_log_path), exporter=MetricsExporter(config.run_id)
+        )
         self._lock = threading.Lock()
 
     def run(self) -> RunSummary:

@@ -115,12 +115,14 @@ class Controller:
         events: EventLog | None = None,
         clock: Callable[[], float] = time.monotonic,
         poll_s: float = 0.05,
+        exporter: Any = None,
     ):
         self.config = config
         self.group = group
         self.events = events or EventLog(config.run_id, config.event_log_path)
         self.clock = clock
         self.poll_s = poll_s
+        self.exporter = exporter  # metrics.MetricsExporter or None: on_event/on_failure_detected/on_reports
         now = clock()
         self.state: State = Waiting(since=now, deadline=now + config.wait_for_nodes_timeout_s, cause="start")
         self.restarts = 0
@@ -180,7 +182,9 @@ class Controller:
     # -- helpers ----------------------------------------------------------------------------
     def _emit(self, kind: str, message: str, **data: Any) -> None:
         round_id = self.next_round_id - 1
-        self.events.emit(kind, round_id, self.state.name, message, **data)
+        event = self.events.emit(kind, round_id, self.state.name, message, **data)
+        if self.exporter is not None:
+            self.exporter.on_event(event, self.clock())
 
     def _maybe_refresh(self, now: float) -> None:
         if now - self._last_refresh >= self.config.node_poll_interval_s:
@@ -216,6 +220,11 @@ class Controller:
         )
         if decision.form:
             return Forming(cause=state.cause)
+        if len(ready) + self.group.pending_count() >= self.config.min_nodes:
+            # Enough nodes exist and are starting workers: that is not "missing nodes";
+            # allow up to worker_start_timeout_s for placement and imports.
+            state.deadline = max(state.deadline, min(now + self.config.wait_for_nodes_timeout_s,
+                                                     state.since + self.config.worker_start_timeout_s))
         if now >= state.deadline:
             return self._fail(
                 NotEnoughNodesError(
@@ -269,6 +278,8 @@ class Controller:
         """Keep rank 0's reports: the latest as `metrics`, all of them as history."""
         if not reports or worker_id != plan.worker_ids[0]:
             return
+        if self.exporter is not None:
+            self.exporter.on_reports(reports)
         for stamp, metrics in reports:
             self.metrics_history.append(
                 {"time": stamp, "round_id": plan.round_id, "world_size": plan.world_size, **metrics}
@@ -337,6 +348,8 @@ class Controller:
         return Forming(cause="scale-up")
 
     def _begin_restart(self, state: Running, now: float, trigger: str) -> State:
+        if self.exporter is not None:
+            self.exporter.on_failure_detected(now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         self.group.abort(state.plan.round_id, unsettled)
         return Restarting(

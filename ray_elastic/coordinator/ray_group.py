@@ -35,6 +35,10 @@ logger = logging.getLogger("ray_elastic")
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
 
 
+def _gpu_order(gpu_id: str) -> tuple[int, str]:
+    return (int(gpu_id), "") if gpu_id.isdigit() else (1 << 30, gpu_id)
+
+
 @dataclass
 class _Slot:
     worker_id: str
@@ -43,6 +47,7 @@ class _Slot:
     ready_ref: Any
     status: str = STARTING
     pid: int | None = None
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass
@@ -132,6 +137,7 @@ class RayWorkerGroup(WorkerGroup):
                     try:
                         info = ray.get(ref)
                         slot.pid = info["pid"]
+                        slot.gpu_ids = tuple(info["gpu_ids"])
                         self._pids.add(info["pid"])
                         slot.status = READY
                     except RayError:
@@ -191,10 +197,13 @@ class RayWorkerGroup(WorkerGroup):
         self._members = plan.worker_ids
         for a in plan.assignments():
             slot = self._slot(a.worker_id)
-            assert slot is not None, a.worker_id
+            node = self.nodes.get(a.node_id)
+            if slot is None or node is None:
+                raise RuntimeError(f"worker {a.worker_id} of round {plan.round_id} is unknown")
             slot.status = BUSY
+            node_gpus = sorted({g for s in node.slots if s is not None for g in s.gpu_ids}, key=_gpu_order)
             spec = RoundSpec(a, plan.round_id, plan.restart_count, self.store.host, self.store.port,
-                             self.config.max_restarts)
+                             self.config.max_restarts, tuple(node_gpus), slot.gpu_ids)
             self._round_refs[slot.actor.run_round.remote(spec)] = a.worker_id
 
     def wait(self, timeout_s: float) -> list[WorkerOutcome]:

@@ -76,6 +76,8 @@ class RoundSpec:
     store_host: str
     store_port: int
     max_restarts: int
+    node_gpu_ids: tuple[str, ...] = ()  # GPUs of every worker of this node group, for CUDA_VISIBLE_DEVICES
+    gpu_ids: tuple[str, ...] = ()  # this worker's own GPUs, as Ray assigned them
 
 
 class OutcomeKind(str, enum.Enum):

@@ -69,6 +69,7 @@ class LocalCluster:
             },
         )
         self.nodes: list[Any] = []
+        self._started: list[Any] = []  # every node ever added, removed ones included
         for _ in range(num_nodes):
             self.add_node()
 
@@ -87,6 +88,7 @@ class LocalCluster:
                 wait=wait,
             )
         self.nodes.append(node)
+        self._started.append(node)
         return node
 
     @staticmethod
@@ -100,6 +102,14 @@ class LocalCluster:
             with contextlib.suppress(psutil.Error):
                 pids.extend(psutil.Process(info.process.pid).children(recursive=True))
         return pids
+
+    def raylet_pids(self) -> set[int]:
+        """Raylet pids of every node this cluster ever started; Ray workers carry theirs as RAY_RAYLET_PID."""
+        return {
+            info.process.pid
+            for node in [self.cluster.head_node, *self._started] if node is not None
+            for info in node.all_processes.get("raylet", [])
+        }
 
     def kill_node(self, node: Any, graceful: bool = False) -> None:
         """Remove a node; ungraceful kills its raylet and then any process it left behind."""

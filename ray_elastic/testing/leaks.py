@@ -36,31 +36,47 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _titled_processes() -> list[int]:
-    """Processes Ray titled after a ray_elastic actor (`ray::ElasticWorker...`)."""
+def _titled_processes(raylet_pids: set[int] | None = None) -> list[int]:
+    """Processes Ray titled after a ray_elastic actor (`ray::ElasticWorker...`).
+
+    With `raylet_pids`, only those started by one of these raylets (other clusters
+    on the same machine are not ours to judge).
+    """
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES):
-            found.append(proc.pid)
+        if not any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES):
+            continue
+        if raylet_pids is not None:
+            try:
+                owner = proc.environ().get("RAY_RAYLET_PID", "")
+            except psutil.Error:
+                continue
+            if not owner.isdigit() or int(owner) not in raylet_pids:
+                continue
+        found.append(proc.pid)
     return found
 
 
-def find_leaks(worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0) -> list[str]:
+def find_leaks(
+    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None
+) -> list[str]:
     """Wait up to timeout_s for the run's leftovers to go; return what is still there."""
     deadline = time.monotonic() + timeout_s
     while True:
         leaks = [f"actor {a.get('ActorClassName')} {a.get('State')}" for a in live_run_actors()]
         leaks += [f"placement group {p.get('name')} {p.get('state')}" for p in live_run_placement_groups()]
-        pids = set(worker_pids) | set(_titled_processes())
+        pids = set(worker_pids) | set(_titled_processes(raylet_pids))
         leaks += [f"worker process {pid}" for pid in sorted(pids) if _alive(pid)]
         if not leaks or time.monotonic() >= deadline:
             return leaks
         time.sleep(0.2)
 
 
-def assert_no_leaks(worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0) -> None:
+def assert_no_leaks(
+    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None
+) -> None:
     """Raise AssertionError naming whatever the run left behind after timeout_s."""
-    leaks = find_leaks(worker_pids, timeout_s)
+    leaks = find_leaks(worker_pids, timeout_s, raylet_pids)
     if leaks:
         raise AssertionError("run left behind: " + ", ".join(leaks))

@@ -82,7 +82,10 @@ class ElasticWorker:
     # -- control path ------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
         """Answered once imports are done: the worker can join a round."""
-        return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id}
+        import ray
+
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if self.config.use_gpu else []
+        return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id, "gpu_ids": gpu_ids}
 
     def probe(self, round_id: int) -> Heartbeat:
         session = self._session
@@ -114,12 +117,18 @@ class ElasticWorker:
         return group.sever() if group is not None else 0
 
     # -- training path -----------------------------------------------------------------------------
-    def _device(self, local_rank: int):
+    def _device(self, spec: RoundSpec):
+        """CPU, or this worker's GPU with every GPU of its node visible (so NCCL sees its peers)."""
         import torch
 
-        if self.config.use_gpu and torch.cuda.is_available():
-            return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
-        return torch.device("cpu")
+        if not self.config.use_gpu:
+            return torch.device("cpu")
+        if spec.node_gpu_ids and not torch.cuda.is_initialized():
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec.node_gpu_ids)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        own = spec.gpu_ids[0] if spec.gpu_ids else None
+        index = visible.index(own) if own in visible else 0
+        return torch.device("cuda", index)
 
     def run_round(self, spec: RoundSpec) -> WorkerOutcome:
         """Join round `spec.round_id`, run train_fn in it, and report how it ended."""
@@ -132,10 +141,11 @@ class ElasticWorker:
             self._round_id = spec.round_id
             self._stop.clear()
         os.environ.update(torchrun_env(spec, self.config.run_id))
-        device = self._device(a.local_rank)
-        if device.type == "cuda":
+        device = self._device(spec)
+        if device.type == "cuda" and self.config.worker_backend == "nccl":
             import torch
 
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             torch.cuda.set_device(device)
         context = TrainContext(
             rank=a.rank,
@@ -167,7 +177,7 @@ class ElasticWorker:
                 a.rank,
                 a.world_size,
                 self.config.collective_timeout_s,
-                device_id=device if device.type == "cuda" else None,
+                device_id=device if self.config.worker_backend == "nccl" else None,
             )
             with self._lock:
                 self._group = group
@@ -190,7 +200,8 @@ class ElasticWorker:
                 OutcomeKind.FAILED,
                 session=session,
                 message=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc)),
+                # A failed script subprocess (the CLI) carries the script's own traceback.
+                traceback=getattr(exc, "remote_traceback", "") or "".join(traceback.format_exception(exc)),
                 communication=is_communication_error(exc),
             )
         finally:
