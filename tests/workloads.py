@@ -19,6 +19,17 @@ def weights_digest(module: torch.nn.Module) -> list[float]:
     return [float(p.detach().double().sum()) for p in module.parameters()]
 
 
+def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+    """Sums of every tensor of the model's and optimizer's state_dicts, in a fixed order."""
+    out = [float(t.double().sum()) for t in model.state_dict().values()]
+    for _, per_param in sorted(opt.state_dict()["state"].items()):
+        out += [float(v.double().sum()) for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
+    return out
+
+
+_restores: list[tuple[int, str, list[float]]] = []  # per process, across re-entries: (round, source, digest)
+
+
 def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
@@ -31,6 +42,7 @@ def ddp_train(config: dict) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], worlds=[])
+    _restores.append((ctx.round_id, state.restored_from, state_digest(model, opt)))
     resets: list[int] = []
     state.register_reset_callback(lambda c: resets.append(c.world_size))
     faults = config.get("faults")
@@ -63,4 +75,5 @@ def ddp_train(config: dict) -> dict:
         "restored_from": state.restored_from,
         "resets": resets,
         "pid": os.getpid(),
+        "restores": list(_restores),
     }

@@ -114,7 +114,7 @@ class Controller:
         group: WorkerGroup,
         events: EventLog | None = None,
         clock: Callable[[], float] = time.monotonic,
-        poll_s: float = 0.05,
+        poll_s: float = 0.2,
         exporter: Any = None,
     ):
         self.config = config
@@ -133,6 +133,7 @@ class Controller:
         self.metrics: dict[str, Any] | None = None
         self.metrics_history: list[dict[str, Any]] = []
         self._metrics_time = float("-inf")
+        self._last_probe = float("-inf")
         self.last_step: dict[str, int | None] = {}
         self._abort_reason: str | None = None
         self._last_refresh = float("-inf")
@@ -297,6 +298,11 @@ class Controller:
             self._record_reports(state.plan, outcome.worker_id, outcome.reports)
 
     def _record_heartbeats(self, state: Running | Restarting, now: float) -> None:
+        """Probe members (every heartbeat_interval_s while running; every step while restarting)."""
+        if isinstance(state, Running):
+            if now - self._last_probe < self.config.heartbeat_interval_s:
+                return
+            self._last_probe = now
         for beat in self.group.probe(state.plan.round_id):
             self._record_reports(state.plan, beat.worker_id, beat.reports)
             if isinstance(state, Restarting):

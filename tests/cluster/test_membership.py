@@ -38,6 +38,11 @@ def test_scale_up_at_a_commit_never_above_max_and_free(make_cluster, tmp_path, n
     assert all(v["resets"] == [3] for v in result.return_values), "reset callbacks saw the new world"
     newcomer = [v for v in result.return_values if v["restored_from"] == "peer"]
     assert len(newcomer) == 1, "the newcomer received state from a survivor"
+    final_round = result.rounds[-1].round_id
+    restored = [[d for r, _, d in v["restores"] if r == final_round] for v in result.return_values]
+    assert all(len(d) == 1 for d in restored)
+    assert all(d == restored[0] for d in restored), "newcomer's model+optimizer state equals survivors'"
+    assert any(x != 0.0 for x in restored[0])
     no_leaks(result.worker_pids)
 
 
