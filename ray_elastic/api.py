@@ -167,7 +167,7 @@ def run(
             max_restarts=max_restarts,
             use_gpu=use_gpu,
             backend=backend,
-            resources_per_worker=dict(resources_per_worker or {}),
+            resources_per_worker={} if resources_per_worker is None else resources_per_worker,
             storage_path=storage_path,
             resume=resume,
             checkpoint_every=checkpoint_every,

@@ -1,0 +1,74 @@
+"""Bad input is rejected before Ray or any actor starts, with a message that says what to change."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import ray_elastic
+from ray_elastic.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _noop(config):
+    return None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_nodes": 0}, "min_nodes must be >= 1"),
+        ({"min_nodes": 3, "max_nodes": 2}, "raise max_nodes or lower min_nodes"),
+        ({"min_nodes": 2.0}, "min_nodes must be an int"),
+        ({"min_nodes": True}, "min_nodes must be an int"),
+        ({"nproc_per_node": 0}, "nproc_per_node must be >= 1"),
+        ({"nproc_per_node": "4"}, "nproc_per_node must be an int"),
+        ({"max_restarts": -2}, "or -1 for unlimited"),
+        ({"max_restarts": False}, "max_restarts must be an int"),
+        ({"wait_for_nodes_timeout_s": -1}, "wait_for_nodes_timeout_s must be a finite number"),
+        ({"abort_timeout_s": float("inf")}, "abort_timeout_s must be a finite number"),
+        ({"hang_timeout_s": -5}, "hang_timeout_s must be a finite number"),
+        ({"collective_timeout_s": 0}, "collective_timeout_s must be > 0"),
+        ({"use_gpu": "yes"}, "use_gpu must be True or False"),
+        ({"backend": "mpi"}, "backend must be 'gloo', 'nccl'"),
+        ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker['CPU'] must be >= 0"),
+        ({"resources_per_worker": ["CPU"]}, "resources_per_worker must be a dict"),
+        ({"resume": True}, "resume=True needs storage_path"),
+        ({"progress": "fancy"}, "progress must be"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message):
+    import ray
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        ray_elastic.run(_noop, **kwargs)
+    assert not ray.is_initialized(), "rejected before Ray started"
+
+
+def test_unpicklable_train_fn_names_the_captured_object():
+    lock = threading.Lock()
+
+    def train_fn(config):
+        with lock:
+            return 1
+
+    with pytest.raises(ConfigError, match=r"closure variable 'lock' \(lock\)") as info:
+        ray_elastic.run(train_fn)
+    assert "inside train_fn" in str(info.value)
+
+
+def test_train_fn_must_be_callable():
+    with pytest.raises(ConfigError, match="train_fn must be callable"):
+        ray_elastic.run("train.py")  # type: ignore[arg-type]
+
+
+def test_errors_pickle_with_their_payload():
+    import pickle
+
+    first = ray_elastic.FailureInfo("exception", 1, "node", 0, "ValueError: x", step=3, traceback="tb")
+    err = ray_elastic.TrainingFailedError("budget spent", first, (first,), 3, 2)
+    back = pickle.loads(pickle.dumps(err))
+    assert back.first_failure == first and back.restarts == 3 and str(back) == str(err)
+    assert isinstance(ConfigError("x"), ValueError) and issubclass(ConfigError, ray_elastic.ElasticError)
