@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -85,6 +86,7 @@ class RayWorkerGroup(WorkerGroup):
         self._members: list[str] = []
         self._worker_cls = ray.remote(ElasticWorker)
         self._pids: set[int] = set()
+        self._demand = 0
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -117,7 +119,19 @@ class RayWorkerGroup(WorkerGroup):
                                   name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
                 self.nodes[node_id] = _Node(node_id, pg, pg.ready(),
                                             slots=[None] * self.config.nproc_per_node)
+        self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
         self._advance_startups()
+
+    def _express_demand(self, wanted: int) -> None:
+        """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters."""
+        if wanted == self._demand:
+            return
+        self._demand = wanted
+        bundles = [dict(self.config.bundle)] * (wanted * self.config.nproc_per_node)
+        try:
+            request_resources(bundles=bundles)
+        except Exception:  # noqa: BLE001 - demand is advisory
+            logger.debug("request_resources failed", exc_info=True)
 
     def _advance_startups(self) -> None:
         for node in self.nodes.values():
@@ -283,6 +297,7 @@ class RayWorkerGroup(WorkerGroup):
     def shutdown(self) -> None:
         for node_id in list(self.nodes):
             self._drop_node(node_id)
+        self._express_demand(0)
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -163,3 +163,43 @@ def test_losing_a_node_continues_on_fewer_nodes(make_cluster, no_leaks):
     assert result.restarts == 1
     assert result.rounds[-1].num_nodes == 2
     no_leaks(result.worker_pids)
+
+
+_INTERRUPTED_DRIVER = """
+import sys
+import ray_elastic
+from tests.workloads import ddp_train
+try:
+    ray_elastic.run(ddp_train, config={"steps": 100000, "sleep_s": 0.05}, min_nodes=2, progress="log")
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_in_the_driver_tears_everything_down(make_cluster, no_leaks):
+    import subprocess
+    import sys
+
+    cluster = make_cluster(num_nodes=2)
+    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONPATH=os.getcwd())
+    driver = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_DRIVER], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = driver.stdout.readline()
+            lines.append(line)
+            if "round 0:" in line:
+                break
+        assert any("round 0:" in line for line in lines), "".join(lines)
+        time.sleep(1.0)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130 and "INTERRUPTED" in out
+    assert "run aborted" in out
+    no_leaks()
