@@ -257,6 +257,10 @@ def _drive(coordinator: Any, cfg: RunConfig, display: Any) -> RunSummary:
             done, _ = ray.wait([run_ref], timeout=0.2)
             if done:
                 break
+        try:  # show how the run ended (the abort) before re-raising
+            display.update(ray.get(coordinator.progress.remote(seen), timeout=2))
+        except Exception:  # noqa: BLE001 - the coordinator may be gone
+            pass
         raise
     finally:
         display.close()
