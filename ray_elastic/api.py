@@ -118,6 +118,9 @@ def run(
     wait_for_nodes_timeout_s: float = 60.0,
     hang_timeout_s: float | None = 300.0,
     abort_timeout_s: float = 5.0,
+    probe_timeout_s: float = 2.0,
+    worker_start_timeout_s: float = 180.0,
+    heartbeat_interval_s: float = 0.5,
     join_debounce_s: float = 0.5,
     collective_timeout_s: float = 1800.0,
     backend: str | None = None,
@@ -141,6 +144,9 @@ def run(
         wait_for_nodes_timeout_s: how long to wait below min_nodes before failing.
         hang_timeout_s: a round with no commit/report for this long is treated as hung (None: off).
         abort_timeout_s: how long an aborted worker may take to leave its round before it is killed.
+        probe_timeout_s: after an abort, a worker silent to liveness probes this long is killed.
+        worker_start_timeout_s: how long placing and starting workers on existing nodes may take.
+        heartbeat_interval_s: how often the coordinator probes workers (progress, metrics).
         join_debounce_s: a burst of joining nodes settles for this long before one re-form.
         collective_timeout_s: torch.distributed timeout (the last resort; aborts come first).
         backend: "gloo" or "nccl" (default: nccl with use_gpu, else gloo).
@@ -175,6 +181,9 @@ def run(
             wait_for_nodes_timeout_s=wait_for_nodes_timeout_s,
             hang_timeout_s=hang_timeout_s,
             abort_timeout_s=abort_timeout_s,
+            probe_timeout_s=probe_timeout_s,
+            worker_start_timeout_s=worker_start_timeout_s,
+            heartbeat_interval_s=heartbeat_interval_s,
             join_debounce_s=join_debounce_s,
             collective_timeout_s=collective_timeout_s,
             event_log_path=resolve_log_path(event_log_path),
