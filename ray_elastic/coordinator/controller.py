@@ -67,6 +67,7 @@ class Restarting(State):
     since: float
     last_answer: dict[str, float]
     trigger: str
+    stalled: list[str] = field(default_factory=list)  # aborted for making no progress
     name = "RESTARTING"
 
 
@@ -227,11 +228,17 @@ class Controller:
             state.deadline = max(state.deadline, min(now + self.config.wait_for_nodes_timeout_s,
                                                      state.since + self.config.worker_start_timeout_s))
         if now >= state.deadline:
+            pending = self.group.pending_count()
+            starting = (
+                f" ({pending} more still starting workers after worker_start_timeout_s="
+                f"{self.config.worker_start_timeout_s:g}s: raise it if placement or imports are slow)"
+                if pending else ""
+            )
             return self._fail(
                 NotEnoughNodesError(
                     f"only {len(ready)} of min_nodes={self.config.min_nodes} node(s) could run "
                     f"{self.config.nproc_per_node} worker(s) with {self.config.bundle} each after "
-                    f"waiting {self.config.wait_for_nodes_timeout_s:g}s; add nodes, lower min_nodes, "
+                    f"waiting {now - state.since:g}s{starting}; add nodes, lower min_nodes, "
                     f"or raise wait_for_nodes_timeout_s",
                     self.failures[0] if self.failures else None,
                     tuple(self.failures),
@@ -253,7 +260,8 @@ class Controller:
         self.next_round_id += 1
         previous = set(self.previous_order)
         joined = [g.node_id for g in chosen if g.node_id not in previous]
-        left = [n for n in self.previous_order if n not in {g.node_id for g in chosen}]
+        chosen_ids = {g.node_id for g in chosen}
+        left = [n for n in self.previous_order if n not in chosen_ids]
         self.previous_order = [g.node_id for g in chosen]
         self.group.start_round(plan)
         self.rounds.append(RoundRecord(plan.round_id, plan.world_size, len(chosen), time.time(), state.cause))
@@ -277,7 +285,7 @@ class Controller:
 
     def _record_reports(self, plan: RoundPlan, worker_id: str, reports: list[tuple[float, dict[str, Any]]]) -> None:
         """Keep rank 0's reports: the latest as `metrics`, all of them as history."""
-        if not reports or worker_id != plan.worker_ids[0]:
+        if not reports or worker_id != plan.groups[0].workers[0]:
             return
         if self.exporter is not None:
             self.exporter.on_reports(reports)
@@ -320,7 +328,9 @@ class Controller:
         members = state.plan.worker_ids
         failed = [o for o in state.outcomes.values() if o.is_failure]
         if failed:
-            return self._begin_restart(state, now, trigger=failed[0].message)
+            first = failed[0]
+            trigger = f"worker {first.worker_id} {first.kind.value}: {first.message}"
+            return self._begin_restart(state, now, trigger=trigger)
         self._record_heartbeats(state, now)
         hung = policy.stalled(
             {w: t for w, t in state.last_progress.items() if w not in state.outcomes},
@@ -328,7 +338,9 @@ class Controller:
             self.config.hang_timeout_s,
         )
         if hung:
-            return self._begin_restart(state, now, trigger=f"no progress from {len(hung)} worker(s)")
+            names = ", ".join(hung[:4]) + (", ..." if len(hung) > 4 else "")
+            trigger = f"no progress for {self.config.hang_timeout_s:g}s from {len(hung)} worker(s): {names}"
+            return self._begin_restart(state, now, trigger=trigger, stalled=hung)
         if len(state.outcomes) == len(members):
             kinds = {o.kind for o in state.outcomes.values()}
             if kinds == {OutcomeKind.DONE}:
@@ -338,7 +350,7 @@ class Controller:
             return self._begin_resize(state)
         if not state.stop_requested and policy.should_scale_up(
             len(state.plan.groups),
-            len(self.group.ready_groups()),
+            len(self._ready_seen),  # ready nodes outside the round (members that returned do not count)
             self.config.max_nodes,
             now - self._last_ready_change,
             self.config.join_debounce_s,
@@ -353,17 +365,20 @@ class Controller:
         self._emit("scale_up", "members left at a commit to let new node(s) join")
         return Forming(cause="scale-up")
 
-    def _begin_restart(self, state: Running, now: float, trigger: str) -> State:
+    def _begin_restart(self, state: Running, now: float, trigger: str, stalled: list[str] | None = None) -> State:
         if self.exporter is not None:
             self.exporter.on_failure_detected(now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
-        self.group.abort(state.plan.round_id, unsettled)
+        self.group.abort(state.plan.round_id, unsettled)  # first: survivors are waiting
+        self._emit("worker_lost", f"round {state.plan.round_id}: {trigger}; aborting {len(unsettled)} other worker(s)",
+                   trigger=trigger, stalled=list(stalled or []))
         return Restarting(
             plan=state.plan,
             outcomes=state.outcomes,
             since=now,
             last_answer={w: now for w in unsettled},
             trigger=trigger,
+            stalled=list(stalled or []),
         )
 
     def _on_restarting(self, state: Restarting, now: float) -> State:
@@ -382,7 +397,8 @@ class Controller:
             for worker_id in to_kill:
                 state.outcomes[worker_id] = WorkerOutcome(
                     worker_id, state.plan.round_id, OutcomeKind.HUNG,
-                    message="did not answer or leave the round after it was aborted; killed",
+                    message=(self._stall_message() + ", then " if worker_id in state.stalled else "")
+                    + "did not answer or leave the round after it was aborted; killed",
                     step=self.last_step.get(worker_id),
                 )
             self.group.kill(to_kill, reason="unresponsive after abort")
@@ -390,16 +406,26 @@ class Controller:
                 return state
         return self._finish_restart(state)
 
+    def _stall_message(self) -> str:
+        return f"made no progress (commit or report) for more than hang_timeout_s={self.config.hang_timeout_s:g}s"
+
     def _finish_restart(self, state: Restarting) -> State:
-        causes = policy.at_fault(state.outcomes)
-        rank_of = {a.worker_id: a for a in state.plan.assignments()}
+        stalled = [
+            WorkerOutcome(w, state.plan.round_id, OutcomeKind.HUNG, message=self._stall_message(),
+                          step=self.last_step.get(w))
+            for w in state.stalled
+        ]
+        causes = policy.at_fault(state.outcomes, stalled)
+        # Not plan.assignments(): it recomputes world_size per worker, O(N x nodes).
+        members = ((w, g.node_id) for g in state.plan.groups for w in g.workers)
+        place = {w: (rank, node_id) for rank, (w, node_id) in enumerate(members)}
         for outcome in causes:
-            a = rank_of[outcome.worker_id]
+            rank, node_id = place[outcome.worker_id]
             self.failures.append(
                 FailureInfo(
                     kind={"failed": "exception", "died": "died", "hung": "hang"}[outcome.kind.value],
-                    rank=a.rank,
-                    node_id=a.node_id,
+                    rank=rank,
+                    node_id=node_id,
                     round_id=state.plan.round_id,
                     message=outcome.message,
                     step=outcome.step if outcome.step is not None else self.last_step.get(outcome.worker_id),
@@ -410,7 +436,8 @@ class Controller:
         if died:
             self.group.kill(died, reason="died")
         self.restarts += 1
-        summary = "; ".join(f.describe() for f in self.failures[-len(causes):])
+        shown = self.failures[len(self.failures) - len(causes):][:3]
+        summary = "; ".join(f.describe() for f in shown) + (f"; and {len(causes) - 3} more" if len(causes) > 3 else "")
         self._emit(
             "restart",
             f"round {state.plan.round_id} failed ({len(causes)} cause(s)): {summary}; "
