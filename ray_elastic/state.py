@@ -262,11 +262,11 @@ class State:
             dist.broadcast(newest_t, src=0)
             mine, newest = holder.commit_id, int(newest_t.item())
         has = mine == newest
-        probe = torch.tensor([rank if has else world, 0 if has else 1], dtype=torch.int64, device=device)
-        src_t, lack_t = probe[:1].clone(), probe[1:].clone()
-        dist.all_reduce(src_t, op=dist.ReduceOp.MIN)
-        dist.all_reduce(lack_t, op=dist.ReduceOp.MAX)
-        src, someone_lacks = int(src_t.item()), bool(lack_t.item())
+        # One MIN all-reduce answers both: the lowest rank holding the newest commit, and
+        # (negated) whether any rank lacks it.
+        probe = torch.tensor([rank if has else world, 0 if has else -1], dtype=torch.int64, device=device)
+        dist.all_reduce(probe, op=dist.ReduceOp.MIN)
+        src, someone_lacks = int(probe[0].item()), bool(probe[1].item() < 0)
         if newest < 0:
             # Nobody committed yet: make every rank start from rank 0's fresh state.
             payload = broadcast_payload(self._fresh_payload() if rank == 0 else None, 0, device)
