@@ -46,7 +46,8 @@ def choose_groups(
     """Keep surviving nodes in their previous order (stable ranks), then add newcomers, up to max."""
     by_node = {g.node_id: g for g in ready}
     kept = [by_node[n] for n in previous_order if n in by_node]
-    newcomers = sorted((g for g in ready if g.node_id not in previous_order), key=lambda g: g.node_id)
+    previous = set(previous_order)
+    newcomers = sorted((g for g in ready if g.node_id not in previous), key=lambda g: g.node_id)
     return (kept + newcomers)[:max_nodes]
 
 
@@ -61,15 +62,17 @@ def should_scale_up(
     return idle_ready_nodes > 0 and current_nodes < max_nodes and since_last_ready_s >= debounce_s
 
 
-def at_fault(outcomes: Mapping[str, WorkerOutcome]) -> list[WorkerOutcome]:
+def at_fault(outcomes: Mapping[str, WorkerOutcome], stalled: Sequence[WorkerOutcome] = ()) -> list[WorkerOutcome]:
     """The failures that caused a failed round, separating causes from their echoes.
 
     A rank whose collective broke because a peer vanished reports a
     communication error; it is a victim, not a cause, unless nothing else failed.
+    `stalled`: outcomes for the workers a hang watchdog aborted the round for; they
+    are the cause when no worker failed on its own (the others only left when aborted).
     """
     failures = [o for o in outcomes.values() if o.is_failure]
     causes = [o for o in failures if not (o.kind is OutcomeKind.FAILED and o.communication)]
-    return causes or failures[:1]
+    return causes or list(stalled) or failures[:1]
 
 
 def budget_exhausted(restarts_spent: int, max_restarts: int) -> bool:

@@ -1,0 +1,271 @@
+"""A `WorkerGroup` made of plain Python objects, for unit tests and the coordinator-scale benchmark.
+
+The test plays the cluster and the workers: it adds and removes nodes, makes
+workers finish, fail, die, hang or make progress, and reads back what the
+controller asked for (`plans`, `aborts`, `kills`, `stops`). Nothing runs on
+its own except two realistic reflexes, both on by default: an aborted worker
+leaves the round at once (`settle_on_abort`), and asked to stop it leaves at
+its next commit, here at once (`stop_on_request`). A hung worker does neither.
+
+With a `FakeClock`, `wait()` advances the clock instead of sleeping, so a
+controller loop over minutes of simulated time runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray_elastic.coordinator.group import WorkerGroup
+from ray_elastic.coordinator.types import Heartbeat, NodeGroup, OutcomeKind, RoundPlan, WorkerOutcome
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeWorker:
+    """One process slot. `status`: "ready" (idle), "busy" (in a round) or "dead"."""
+
+    worker_id: str
+    node_id: str
+    local_rank: int
+    ready_at: float
+    status: str = "ready"
+    hung: bool = False
+    progress: int = 0
+    step: int | None = None
+    queued: bool = False  # an outcome is waiting to be collected by `wait()`
+    reports: list[tuple[float, dict[str, Any]]] | None = None
+
+
+class FakeWorkerGroup(WorkerGroup):
+    """Nodes of `nproc_per_node` fake workers, driven by the test.
+
+    Args:
+        nproc_per_node: workers per node.
+        clock: a `FakeClock` (default: a new one) or a real clock such as `time.monotonic`.
+        replace_s: how long a replacement for a dead or killed worker takes to start.
+        settle_on_abort: aborted workers that are not hung leave the round at once.
+        stop_on_request: asked to stop, workers that are not hung leave the round at once.
+    """
+
+    def __init__(
+        self,
+        nproc_per_node: int = 1,
+        clock: Callable[[], float] | None = None,
+        replace_s: float = 0.0,
+        settle_on_abort: bool = True,
+        stop_on_request: bool = True,
+    ):
+        self.nproc_per_node = nproc_per_node
+        self.clock: Callable[[], float] = clock if clock is not None else FakeClock()
+        self.replace_s = replace_s
+        self.settle_on_abort = settle_on_abort
+        self.stop_on_request = stop_on_request
+        self.nodes: dict[str, list[FakeWorker]] = {}
+        self.workers: dict[str, FakeWorker] = {}
+        self.round_id = -1
+        self.members: list[str] = []
+        self._outcomes: list[WorkerOutcome] = []
+        self._node_count = 0
+        # What the controller did, for assertions.
+        self.plans: list[RoundPlan] = []
+        self.aborts: list[tuple[int, list[str]]] = []
+        self.kills: list[tuple[list[str], str]] = []
+        self.stops: list[int] = []
+        self.refreshes = 0
+        self.shut_down = False
+
+    # -- the test's controls ---------------------------------------------------------------------
+    def add_node(self, node_id: str | None = None, start_s: float = 0.0) -> str:
+        """Add a node whose workers become ready after `start_s` (inf: only when `started()`)."""
+        if node_id in self.nodes:
+            raise ValueError(f"node {node_id} is already there")
+        while node_id is None or node_id in self.nodes:
+            self._node_count += 1
+            node_id = f"node-{self._node_count:04d}"
+        ready_at = self.clock() + start_s
+        self.nodes[node_id] = [self._new_worker(node_id, i, ready_at) for i in range(self.nproc_per_node)]
+        return node_id
+
+    def started(self, node_id: str) -> None:
+        """Finish starting the workers of a node added with a long `start_s`."""
+        for worker in self.nodes[node_id]:
+            worker.ready_at = min(worker.ready_at, self.clock())
+
+    def remove_node(self, node_id: str) -> None:
+        """The node is lost: its workers die, those in the round report DIED."""
+        for worker in self.nodes.pop(node_id):
+            self._kill_worker(worker, report="node died")
+
+    def finish(self, worker_id: str, value: Any = None) -> None:
+        """train_fn returned `value`."""
+        self._settle(worker_id, OutcomeKind.DONE, value=value)
+
+    def fail(self, worker_id: str, message: str = "boom", communication: bool = False, step: int | None = None) -> None:
+        """train_fn raised; `communication=True` for a collective that lost a peer."""
+        traceback = f"Traceback (most recent call last):\n  File \"train.py\"\nRuntimeError: {message}\n"
+        self._settle(worker_id, OutcomeKind.FAILED, message=message, traceback=traceback,
+                     communication=communication, step=step)
+
+    def die(self, worker_id: str) -> None:
+        """The worker's process is gone (its node stays)."""
+        self._kill_worker(self.workers[worker_id], report="worker process died")
+
+    def hang(self, worker_id: str) -> None:
+        """The worker stops answering probes and never leaves the round, even when aborted."""
+        self.workers[worker_id].hung = True
+
+    def progress(self, worker_id: str, step: int | None = None, metrics: dict[str, Any] | None = None) -> None:
+        """The worker committed or reported; `metrics` is a report its next probe answer carries."""
+        worker = self.workers[worker_id]
+        worker.progress += 1
+        if step is not None:
+            worker.step = step
+        if metrics is not None:
+            worker.reports = worker.reports or []
+            worker.reports.append((time.time(), dict(metrics)))
+
+    def stop(self, worker_id: str) -> None:
+        """The worker left the round at a commit (as after `request_stop`)."""
+        self._settle(worker_id, OutcomeKind.STOPPED)
+
+    def member(self, rank: int) -> str:
+        """Worker id at `rank` in the latest round."""
+        return self.members[rank]
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _new_worker(self, node_id: str, local_rank: int, ready_at: float) -> FakeWorker:
+        base = worker_id = f"{node_id}/{local_rank}"
+        replacement = 0
+        while worker_id in self.workers:  # replacements: node-0001/0~1, ~2, ...
+            replacement += 1
+            worker_id = f"{base}~{replacement}"
+        worker = FakeWorker(worker_id, node_id, local_rank, ready_at)
+        self.workers[worker_id] = worker
+        return worker
+
+    def _in_round(self, worker: FakeWorker) -> bool:
+        return worker.status == "busy" and not worker.queued
+
+    def _settle(self, worker_id: str, kind: OutcomeKind, **fields: Any) -> None:
+        worker = self.workers[worker_id]
+        if not self._in_round(worker):
+            raise RuntimeError(f"{worker_id} is not in round {self.round_id} (status {worker.status})")
+        fields.setdefault("step", worker.step)
+        self._outcomes.append(WorkerOutcome(worker_id, self.round_id, kind, **fields))
+        worker.queued = True
+
+    def _kill_worker(self, worker: FakeWorker, report: str | None) -> None:
+        if report is not None and self._in_round(worker):
+            self._outcomes.append(
+                WorkerOutcome(worker.worker_id, self.round_id, OutcomeKind.DIED, message=report, step=worker.step)
+            )
+        worker.status = "dead"
+
+    def _is_ready(self, worker: FakeWorker, now: float) -> bool:
+        return worker.status == "ready" and now >= worker.ready_at
+
+    # -- WorkerGroup -----------------------------------------------------------------------------------
+    def refresh(self, now: float) -> None:
+        """Start a replacement for every dead worker of a node that is still there."""
+        self.refreshes += 1
+        for node_id, workers in self.nodes.items():
+            for index, worker in enumerate(workers):
+                if worker.status == "dead":
+                    workers[index] = self._new_worker(node_id, index, now + self.replace_s)
+
+    def ready_groups(self) -> list[NodeGroup]:
+        now = self.clock()
+        return [
+            NodeGroup(node_id, tuple(w.worker_id for w in workers))
+            for node_id, workers in self.nodes.items()
+            if all(w.status == "ready" and now >= w.ready_at for w in workers)
+        ]
+
+    def pending_count(self) -> int:
+        now = self.clock()
+        starting = (any(w.status == "ready" and now < w.ready_at for w in workers) for workers in self.nodes.values())
+        return sum(starting)
+
+    def start_round(self, plan: RoundPlan) -> None:
+        now = self.clock()
+        for worker_id in plan.worker_ids:
+            worker = self.workers.get(worker_id)
+            if worker is None or not self._is_ready(worker, now):
+                raise RuntimeError(f"worker {worker_id} of round {plan.round_id} is not ready")
+        self.plans.append(plan)
+        self.round_id = plan.round_id
+        self.members = plan.worker_ids
+        self._outcomes.clear()
+        for worker_id in self.members:
+            self.workers[worker_id].status = "busy"
+
+    def wait(self, timeout_s: float) -> list[WorkerOutcome]:
+        if not self._outcomes:
+            if isinstance(self.clock, FakeClock):
+                self.clock.advance(timeout_s)
+            else:
+                time.sleep(timeout_s)
+            return []
+        arrived, self._outcomes = self._outcomes, []
+        for outcome in arrived:
+            worker = self.workers[outcome.worker_id]
+            worker.queued = False
+            if worker.status == "busy":
+                worker.status = "ready"
+        return arrived
+
+    def probe(self, round_id: int) -> list[Heartbeat]:
+        if round_id != self.round_id:
+            return []
+        beats = []
+        for worker_id in self.members:
+            worker = self.workers[worker_id]
+            if worker.status == "busy" and not worker.hung:
+                beats.append(Heartbeat(worker_id, round_id, worker.progress, worker.step, worker.reports or []))
+                worker.reports = None
+        return beats
+
+    def request_stop(self, round_id: int) -> None:
+        self.stops.append(round_id)
+        if self.stop_on_request and round_id == self.round_id:
+            for worker_id in self.members:
+                worker = self.workers[worker_id]
+                if self._in_round(worker) and not worker.hung:
+                    self.stop(worker_id)
+
+    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+        self.aborts.append((round_id, list(worker_ids)))
+        if self.settle_on_abort and round_id == self.round_id:
+            for worker_id in worker_ids:
+                worker = self.workers[worker_id]
+                if self._in_round(worker) and not worker.hung:
+                    self._settle(worker_id, OutcomeKind.ABORTED)
+
+    def kill(self, worker_ids: list[str], reason: str) -> None:
+        self.kills.append((list(worker_ids), reason))
+        killed = set(worker_ids)
+        self._outcomes = [o for o in self._outcomes if o.worker_id not in killed]
+        for worker_id in worker_ids:
+            worker = self.workers[worker_id]
+            worker.queued = False
+            self._kill_worker(worker, report=None)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+        for worker in self.workers.values():
+            worker.status = "dead"

@@ -1,0 +1,481 @@
+"""The coordinator's state machine, driven step by step with a fake worker group and a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ray_elastic.config import RunConfig
+from ray_elastic.coordinator.controller import (
+    Aborted,
+    Controller,
+    Failed,
+    Forming,
+    Restarting,
+    Running,
+    Succeeded,
+    Waiting,
+)
+from ray_elastic.errors import NotEnoughNodesError, RunAbortedError, TrainingFailedError
+from ray_elastic.events import EventLog
+from ray_elastic.testing.fake_group import FakeClock, FakeWorkerGroup
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make(nodes: int = 1, nproc: int = 1, **settings: Any) -> tuple[Controller, FakeWorkerGroup]:
+    """A controller over `nodes` ready fake nodes; settings override RunConfig's defaults."""
+    settings.setdefault("min_nodes", 1)
+    settings.setdefault("max_nodes", max(nodes, settings["min_nodes"]))
+    config = RunConfig(run_id="unit", nproc_per_node=nproc, **settings)
+    group = FakeWorkerGroup(nproc_per_node=nproc)
+    for _ in range(nodes):
+        group.add_node()
+    return Controller(config, group, EventLog("unit"), clock=group.clock, poll_s=0.05), group
+
+
+def step_until(controller: Controller, done: Callable[[], bool], limit: int = 20_000) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        if controller.state.terminal:
+            raise AssertionError(f"ended in {controller.state} before the condition held")
+        controller.step()
+    raise AssertionError(f"condition not reached after {limit} steps; state {controller.state}")
+
+
+def run_round(controller: Controller, group: FakeWorkerGroup, round_id: int) -> None:
+    """Step until round `round_id` is running."""
+    step_until(controller, lambda: isinstance(controller.state, Running) and controller.state.plan.round_id == round_id)
+
+
+def kinds(controller: Controller) -> list[str]:
+    return [e.kind for e in controller.events.events]
+
+
+def events(controller: Controller, kind: str) -> list[Any]:
+    return [e for e in controller.events.events if e.kind == kind]
+
+
+def node_ids(group: FakeWorkerGroup, round_index: int = -1) -> list[str]:
+    return [g.node_id for g in group.plans[round_index].groups]
+
+
+# -- formation -----------------------------------------------------------------------------------------
+def test_waits_for_min_nodes_then_forms():
+    controller, group = make(nodes=1, min_nodes=2, max_nodes=2)
+    for _ in range(10):
+        controller.step()
+    assert isinstance(controller.state, Waiting) and group.plans == []
+    assert [e.message for e in events(controller, "waiting")] == ["waiting for 1 more node(s)"]
+    group.add_node()
+    run_round(controller, group, 0)
+    assert node_ids(group) == ["node-0001", "node-0002"]
+    assert group.plans[0].restart_count == 0 and controller.restarts == 0
+
+
+def test_initial_gather_window_waits_for_starting_nodes_then_goes_without_the_slow_one():
+    controller, group = make(nodes=1, max_nodes=3, initial_gather_s=2.0)
+    t0 = group.clock()
+    group.add_node(start_s=1.0)  # makes it inside the window
+    slow = group.add_node(start_s=float("inf"))  # does not
+    run_round(controller, group, 0)
+    assert node_ids(group) == ["node-0001", "node-0002"]
+    assert group.clock() - t0 >= 2.0, "formed before the gather window ended"
+    assert "giving 2 starting node(s) time" in events(controller, "waiting")[0].message
+    group.started(slow)  # the slow one joins later, for free
+    run_round(controller, group, 1)
+    assert node_ids(group) == ["node-0001", "node-0002", slow] and controller.restarts == 0
+
+
+def test_forms_at_once_when_no_node_is_starting():
+    controller, group = make(nodes=2, max_nodes=4, initial_gather_s=30.0)
+    t0 = group.clock()
+    run_round(controller, group, 0)
+    assert len(group.plans[0].groups) == 2 and group.clock() - t0 < 1.0
+
+
+def test_caps_the_round_at_max_nodes():
+    controller, group = make(nodes=5, max_nodes=3)
+    run_round(controller, group, 0)
+    assert node_ids(group) == ["node-0001", "node-0002", "node-0003"]
+    for _ in range(200):  # idle nodes beyond max_nodes never trigger a resize
+        controller.step()
+    assert len(group.plans) == 1 and group.stops == []
+
+
+def test_ranks_follow_node_order_and_local_rank():
+    controller, group = make(nodes=2, nproc=2)
+    run_round(controller, group, 0)
+    assignments = group.plans[0].assignments()
+    assert [(a.worker_id, a.rank, a.node_rank, a.local_rank) for a in assignments] == [
+        ("node-0001/0", 0, 0, 0), ("node-0001/1", 1, 0, 1), ("node-0002/0", 2, 1, 0), ("node-0002/1", 3, 1, 1),
+    ]
+    assert {(a.world_size, a.local_world_size, a.num_nodes) for a in assignments} == {(4, 2, 2)}
+
+
+def test_survivors_keep_their_rank_order_and_newcomers_go_last():
+    controller, group = make(nodes=3, max_nodes=3, join_debounce_s=0.0)
+    run_round(controller, group, 0)
+    assert node_ids(group) == ["node-0001", "node-0002", "node-0003"]
+    group.remove_node("node-0001")
+    run_round(controller, group, 1)
+    assert node_ids(group) == ["node-0002", "node-0003"]
+    group.add_node("node-0000")  # sorts first, still joins behind the survivors
+    run_round(controller, group, 2)
+    assert node_ids(group) == ["node-0002", "node-0003", "node-0000"]
+    assert controller.restarts == 1
+
+
+# -- success -------------------------------------------------------------------------------------------
+def test_all_done_succeeds_with_return_values_in_rank_order():
+    controller, group = make(nodes=2, nproc=2)
+    run_round(controller, group, 0)
+    for rank in reversed(range(4)):
+        group.finish(group.member(rank), value=rank * 10)
+    summary = controller.run()
+    assert isinstance(controller.state, Succeeded)
+    assert summary.return_values == [0, 10, 20, 30] and summary.error is None and summary.restarts == 0
+    assert group.shut_down and kinds(controller)[-1] == "finished"
+
+
+def test_a_round_is_not_over_while_one_rank_still_runs():
+    controller, group = make(nodes=2, max_nodes=3)
+    run_round(controller, group, 0)
+    group.finish(group.member(0), value="a")
+    for _ in range(100):
+        controller.step()
+    assert isinstance(controller.state, Running)
+    assert group.stops == [], "a member that returned is not a node waiting to join"
+    group.finish(group.member(1), value="b")
+    controller.step()
+    assert isinstance(controller.state, Succeeded) and controller.state.return_values == ["a", "b"]
+    assert len(group.plans) == 1
+
+
+# -- failures ------------------------------------------------------------------------------------------
+def test_failure_aborts_the_unsettled_and_spends_one_restart():
+    controller, group = make(nodes=3)
+    run_round(controller, group, 0)
+    r0, r1, r2 = group.members
+    group.fail(r1, "boom", step=4)
+    controller.step()
+    assert isinstance(controller.state, Restarting)
+    assert group.aborts == [(0, [r0, r2])]
+    run_round(controller, group, 1)
+    assert controller.restarts == 1 and group.plans[1].restart_count == 1
+    [failure] = controller.failures
+    assert (failure.kind, failure.rank, failure.node_id, failure.step) == ("exception", 1, "node-0002", 4)
+    [restart] = events(controller, "restart")
+    assert "rank 1" in restart.message and "boom" in restart.message and "restarts spent 1/3" in restart.message
+
+
+def test_several_ranks_failing_in_one_round_spend_one_restart():
+    controller, group = make(nodes=4)
+    group.settle_on_abort = False  # survivors take a while to leave after the abort
+    run_round(controller, group, 0)
+    r0, r1, r2, r3 = group.members
+    group.fail(r1, "first")
+    group.fail(r3, "second")
+    controller.step()
+    assert isinstance(controller.state, Restarting) and group.aborts == [(0, [r0, r2])]
+    group.fail(r2, "third, while the round is being aborted")
+    group.stop(r0)
+    run_round(controller, group, 1)
+    assert controller.restarts == 1
+    assert [(f.rank, f.message) for f in controller.failures] == [
+        (1, "first"), (3, "second"), (2, "third, while the round is being aborted")
+    ]
+    [restart] = events(controller, "restart")
+    assert restart.data["causes"] == [r1, r3, r2] and restart.data["restarts"] == 1
+
+
+def test_communication_errors_of_victims_are_not_causes():
+    controller, group = make(nodes=3)
+    run_round(controller, group, 0)
+    r0, r1, r2 = group.members
+    group.die(r2)
+    group.fail(r0, "Connection closed by peer", communication=True)
+    group.fail(r1, "Connection closed by peer", communication=True)
+    run_round(controller, group, 1)
+    assert [(f.kind, f.rank) for f in controller.failures] == [("died", 2)]
+    assert controller.restarts == 1
+
+
+def test_a_communication_error_alone_is_still_blamed():
+    controller, group = make(nodes=2)
+    run_round(controller, group, 0)
+    group.fail(group.member(1), "Connection reset", communication=True)
+    run_round(controller, group, 1)
+    assert [(f.kind, f.rank) for f in controller.failures] == [("exception", 1)]
+
+
+def test_budget_exhausted_fails_naming_the_first_failure():
+    controller, group = make(nodes=2, max_restarts=1)
+    run_round(controller, group, 0)
+    group.fail(group.member(1), "first failure", step=7)
+    run_round(controller, group, 1)
+    group.fail(group.member(0), "second failure", step=9)
+    summary = controller.run()
+    assert isinstance(controller.state, Failed)
+    error = summary.error
+    assert isinstance(error, TrainingFailedError) and not isinstance(error, NotEnoughNodesError)
+    first = error.first_failure
+    assert (first.rank, first.node_id, first.step, first.round_id) == (1, "node-0002", 7, 0)
+    assert "RuntimeError: first failure" in first.traceback
+    assert [f.message for f in error.failures] == ["first failure", "second failure"]
+    assert (error.restarts, error.max_restarts) == (2, 1)
+    text = str(error)
+    assert "raise max_restarts" in text and "rank 1" in text and "step 7" in text and "first failure" in text
+    assert len(group.plans) == 2 and group.shut_down and kinds(controller)[-1] == "failed"
+
+
+def test_max_restarts_zero_fails_on_the_first_failure():
+    controller, group = make(nodes=1, max_restarts=0)
+    run_round(controller, group, 0)
+    group.fail(group.member(0))
+    step_until(controller, lambda: controller.state.terminal)
+    assert isinstance(controller.state, Failed) and len(group.plans) == 1
+
+
+def test_max_restarts_minus_one_is_unlimited():
+    controller, group = make(nodes=2, max_restarts=-1)
+    for round_id in range(25):
+        run_round(controller, group, round_id)
+        group.fail(group.member(round_id % 2), f"failure {round_id}")
+    run_round(controller, group, 25)
+    assert controller.restarts == 25 and "restarts spent 25/unlimited" in events(controller, "restart")[-1].message
+
+
+def test_dead_worker_is_killed_and_its_replacement_joins_later():
+    controller, group = make(nodes=2, nproc=2, join_debounce_s=0.0)
+    run_round(controller, group, 0)
+    dead = group.member(3)
+    group.die(dead)
+    run_round(controller, group, 1)
+    assert (([dead], "died") in group.kills) and controller.failures[0].kind == "died"
+    # Survivors re-form at once without the node that lost a worker...
+    assert node_ids(group) == ["node-0001"]
+    # ...and the node, with a replacement worker, joins at the next commit, for free.
+    run_round(controller, group, 2)
+    assert node_ids(group) == ["node-0001", "node-0002"]
+    assert group.plans[2].worker_ids[2:] == ["node-0002/0", "node-0002/1~1"]
+    assert controller.restarts == 1 and events(controller, "scale_up")
+
+
+def test_hung_worker_is_aborted_killed_and_blamed():
+    controller, group = make(nodes=2, hang_timeout_s=10.0, probe_timeout_s=2.0, abort_timeout_s=5.0)
+    run_round(controller, group, 0)
+    healthy, hung = group.members
+    group.progress(hung, step=3)
+    controller.step()
+    group.hang(hung)
+    t0 = group.clock()
+    step = 3
+    while isinstance(controller.state, Running):
+        step += 1
+        group.progress(healthy, step=step)
+        controller.step()
+    assert isinstance(controller.state, Restarting)
+    assert 10.0 < group.clock() - t0 < 11.0, "detected within one poll of hang_timeout_s"
+    assert group.aborts == [(0, [healthy, hung])]
+    aborted_at = group.clock()
+    step_until(controller, lambda: group.kills != [])
+    assert group.kills == [([hung], "unresponsive after abort")]
+    assert 2.0 < group.clock() - aborted_at < 3.0, "killed once its probes went unanswered for probe_timeout_s"
+    run_round(controller, group, 1)
+    [failure] = controller.failures
+    assert (failure.kind, failure.rank, failure.step) == ("hang", 1, 3)
+    assert controller.restarts == 1
+
+
+def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_abort_timeout():
+    controller, group = make(nodes=2, probe_timeout_s=2.0, abort_timeout_s=5.0)
+    group.settle_on_abort = False
+    run_round(controller, group, 0)
+    r0, r1 = group.members
+    group.fail(r0, "boom")
+    controller.step()
+    aborted_at = group.clock()
+    step_until(controller, lambda: group.kills != [])
+    assert group.kills == [([r1], "unresponsive after abort")]
+    assert 5.0 < group.clock() - aborted_at < 6.0
+    run_round(controller, group, 1)
+    assert [(f.kind, f.rank) for f in controller.failures] == [("exception", 0), ("hang", 1)]
+    assert controller.restarts == 1
+
+
+def test_stalled_worker_that_leaves_when_aborted_is_still_blamed_for_the_hang():
+    controller, group = make(nodes=2, hang_timeout_s=10.0, max_restarts=0)
+    run_round(controller, group, 0)
+    moving, stalled = group.members
+    step = 0
+    while isinstance(controller.state, Running):  # `stalled` answers probes but never commits
+        step += 1
+        group.progress(moving, step=step)
+        controller.step()
+    step_until(controller, lambda: controller.state.terminal)
+    assert isinstance(controller.state, Failed)
+    error = controller.state.error
+    assert isinstance(error, TrainingFailedError)
+    assert (error.first_failure.kind, error.first_failure.rank) == ("hang", 1)
+    assert "hang_timeout_s=10" in error.first_failure.message
+
+
+# -- scale-up ------------------------------------------------------------------------------------------
+def test_ready_idle_node_joins_at_a_commit_without_spending_budget():
+    controller, group = make(nodes=1, max_nodes=2, max_restarts=0, join_debounce_s=0.5)
+    run_round(controller, group, 0)
+    group.add_node()
+    run_round(controller, group, 1)
+    assert group.stops == [0] and group.aborts == []
+    assert node_ids(group) == ["node-0001", "node-0002"] and controller.restarts == 0
+    formed = events(controller, "round_formed")[-1]
+    assert formed.data["cause"] == "scale-up" and formed.data["joined"] == ["node-0002"]
+
+
+def test_burst_of_joins_is_debounced_into_one_reform_never_above_max():
+    controller, group = make(nodes=1, max_nodes=4, join_debounce_s=0.5)
+    run_round(controller, group, 0)
+    for _ in range(4):  # 4 nodes arrive 0.2 s apart, one more than there is room for
+        group.add_node()
+        for _ in range(4):
+            controller.step()
+        assert group.stops == [], "stopped before the burst settled"
+    run_round(controller, group, 1)
+    assert group.stops == [0] and len(group.plans[1].groups) == 4
+    for _ in range(200):
+        controller.step()
+    assert len(group.plans) == 2 and group.stops == [0] and controller.restarts == 0
+
+
+def test_members_that_do_not_stop_at_once_keep_the_round_running():
+    controller, group = make(nodes=1, max_nodes=2, join_debounce_s=0.0)
+    group.stop_on_request = False
+    run_round(controller, group, 0)
+    group.add_node()
+    step_until(controller, lambda: group.stops == [0])
+    for _ in range(20):
+        controller.step()
+    assert isinstance(controller.state, Running) and group.stops == [0], "asked once"
+    group.stop(group.member(0))
+    run_round(controller, group, 1)
+    assert len(group.plans[1].groups) == 2
+
+
+# -- below min_nodes ---------------------------------------------------------------------------------------
+def test_below_min_after_a_loss_waits_and_resumes_when_a_node_returns():
+    controller, group = make(nodes=2, min_nodes=2, wait_for_nodes_timeout_s=60.0)
+    run_round(controller, group, 0)
+    group.remove_node("node-0002")
+    step_until(controller, lambda: isinstance(controller.state, Waiting))
+    for _ in range(100):
+        controller.step()
+    assert isinstance(controller.state, Waiting)
+    assert events(controller, "waiting")[-1].message == "waiting for 1 more node(s)"
+    group.add_node("node-0002")
+    run_round(controller, group, 1)
+    assert node_ids(group) == ["node-0001", "node-0002"] and controller.restarts == 1
+
+
+def test_below_min_fails_after_wait_for_nodes_timeout():
+    controller, group = make(nodes=2, min_nodes=2, wait_for_nodes_timeout_s=30.0)
+    run_round(controller, group, 0)
+    group.remove_node("node-0002")
+    step_until(controller, lambda: isinstance(controller.state, Waiting))
+    since = group.clock()
+    step_until(controller, lambda: controller.state.terminal)
+    assert 30.0 <= group.clock() - since < 31.0
+    error = controller.state.error
+    assert isinstance(error, NotEnoughNodesError)
+    assert "min_nodes=2" in str(error) and "wait_for_nodes_timeout_s" in str(error)
+    assert (error.first_failure.kind, error.first_failure.rank, error.restarts) == ("died", 1, 1)
+
+
+def test_nodes_still_starting_get_worker_start_timeout_not_the_node_timeout():
+    controller, group = make(nodes=1, min_nodes=2, wait_for_nodes_timeout_s=10.0, worker_start_timeout_s=60.0)
+    t0 = group.clock()
+    group.add_node(start_s=float("inf"))
+    step_until(controller, lambda: controller.state.terminal)
+    assert 60.0 <= group.clock() - t0 < 61.0
+    error = controller.state.error
+    assert isinstance(error, NotEnoughNodesError) and "worker_start_timeout_s" in str(error)
+
+
+def test_a_node_that_finishes_starting_in_time_is_used():
+    controller, group = make(nodes=1, min_nodes=2, wait_for_nodes_timeout_s=10.0, worker_start_timeout_s=60.0)
+    slow = group.add_node(start_s=40.0)
+    run_round(controller, group, 0)
+    assert node_ids(group) == ["node-0001", slow]
+
+
+def test_no_nodes_at_all_fails_after_wait_for_nodes_timeout():
+    controller, group = make(nodes=0, wait_for_nodes_timeout_s=5.0)
+    step_until(controller, lambda: controller.state.terminal)
+    error = controller.state.error
+    assert isinstance(error, NotEnoughNodesError) and error.first_failure is None
+    assert "only 0 of min_nodes=1" in str(error)
+
+
+# -- abort ---------------------------------------------------------------------------------------------
+def test_abort_request_while_running_aborts_the_round():
+    controller, group = make(nodes=2)
+    run_round(controller, group, 0)
+    controller.request_abort("KeyboardInterrupt on the driver")
+    summary = controller.run()
+    assert isinstance(controller.state, Aborted)
+    assert group.aborts == [(0, group.members)] and group.shut_down
+    assert isinstance(summary.error, RunAbortedError) and "KeyboardInterrupt" in str(summary.error)
+    assert events(controller, "aborted")[-1].message == "run aborted: KeyboardInterrupt on the driver"
+
+
+def test_abort_request_while_waiting_ends_without_touching_workers():
+    controller, group = make(nodes=0)
+    controller.step()
+    controller.request_abort("user")
+    previous, current = controller.step()
+    assert isinstance(previous, Waiting) and isinstance(current, Aborted)
+    assert group.aborts == [] and group.plans == []
+
+
+# -- events --------------------------------------------------------------------------------------------
+def test_every_transition_is_logged_with_its_reason():
+    controller, group = make(nodes=1, min_nodes=2, max_nodes=3, join_debounce_s=0.0)
+    group.add_node()
+    group.add_node(start_s=float("inf"))
+    previous, current = controller.step()
+    assert (previous.name, current.name) == ("WAITING", "WAITING"), "gives the starting node time"
+    run_round(controller, group, 0)
+    group.fail(group.member(1), "bad batch")
+    run_round(controller, group, 1)
+    group.started("node-0003")
+    run_round(controller, group, 2)
+    for rank in range(3):
+        group.finish(group.member(rank))
+    controller.run()
+    assert kinds(controller) == [
+        "node_ready", "node_ready", "waiting", "round_formed",
+        "worker_lost", "restart", "round_formed",
+        "node_ready", "scale_up", "round_formed", "finished",
+    ]
+    assert all(e.message for e in controller.events.events)
+    lost = events(controller, "worker_lost")[0]
+    assert "bad batch" in lost.message and lost.state == "RUNNING"
+    assert [e.data["cause"] for e in events(controller, "round_formed")] == ["start", "restart", "scale-up"]
+    assert [e.round_id for e in events(controller, "round_formed")] == [0, 1, 2]
+
+
+def test_step_returns_previous_and_next_state():
+    controller, group = make(nodes=1)
+    previous, current = controller.step()
+    assert isinstance(previous, Waiting) and isinstance(current, Forming)
+    previous, current = controller.step()
+    assert isinstance(previous, Forming) and isinstance(current, Running) and controller.state is current
+
+
+def test_fake_clock_moves_only_when_the_group_waits():
+    clock = FakeClock(start=5.0)
+    group = FakeWorkerGroup(clock=clock)
+    assert group.wait(0.25) == [] and clock() == 5.25
