@@ -86,21 +86,12 @@ class RayWorkerGroup(WorkerGroup):
         self._members: list[str] = []
         self._worker_cls = ray.remote(ElasticWorker)
         self._pids: set[int] = set()
+        self._slots: dict[str, _Slot] = {}  # every slot ever started, by worker id
         self._demand = 0
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
-        for node in self.nodes.values():
-            for slot in node.slots:
-                if slot is not None and slot.worker_id == worker_id:
-                    return slot
-        return None
-
-    def _node_of(self, worker_id: str) -> _Node | None:
-        for node in self.nodes.values():
-            if any(s is not None and s.worker_id == worker_id for s in node.slots):
-                return node
-        return None
+        return self._slots.get(worker_id)
 
     # -- nodes ---------------------------------------------------------------------------------
     def refresh(self, now: float) -> None:
@@ -174,7 +165,9 @@ class RayWorkerGroup(WorkerGroup):
         actor: Any = self._worker_cls.options(**options).remote(
             self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer
         )
-        return _Slot(worker_id, index, actor, actor.ready.remote())
+        slot = _Slot(worker_id, index, actor, actor.ready.remote())
+        self._slots[worker_id] = slot
+        return slot
 
     def _drop_node(self, node_id: str) -> None:
         node = self.nodes.pop(node_id)
@@ -279,6 +272,7 @@ class RayWorkerGroup(WorkerGroup):
                 slot.actor.abort.remote(round_id)
 
     def kill(self, worker_ids: list[str], reason: str) -> None:
+        killed = set()
         for worker_id in worker_ids:
             slot = self._slot(worker_id)
             if slot is None:
@@ -287,9 +281,9 @@ class RayWorkerGroup(WorkerGroup):
             if slot.status != DEAD:
                 ray.kill(slot.actor, no_restart=True)
             slot.status = DEAD
-            for ref, wid in list(self._round_refs.items()):
-                if wid == worker_id:
-                    del self._round_refs[ref]
+            killed.add(worker_id)
+        # Their round calls will fail with the kill; the controller already has their outcome.
+        self._round_refs = {ref: w for ref, w in self._round_refs.items() if w not in killed}
 
     def worker_pids(self) -> list[int]:
         return sorted(self._pids)

@@ -48,6 +48,7 @@ class RoundPlan:
     def assignments(self) -> list[Assignment]:
         out = []
         rank = 0
+        world_size = self.world_size
         for node_rank, group in enumerate(self.groups):
             for local_rank, worker_id in enumerate(group.workers):
                 out.append(
@@ -56,7 +57,7 @@ class RoundPlan:
                         node_id=group.node_id,
                         rank=rank,
                         local_rank=local_rank,
-                        world_size=self.world_size,
+                        world_size=world_size,
                         local_world_size=len(group.workers),
                         node_rank=node_rank,
                         num_nodes=len(self.groups),
