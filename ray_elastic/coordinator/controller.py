@@ -326,9 +326,8 @@ class Controller:
         self._record_outcomes(state)
         now = self.clock()
         members = state.plan.worker_ids
-        failed = [o for o in state.outcomes.values() if o.is_failure]
-        if failed:
-            first = failed[0]
+        if any(o.is_failure for o in state.outcomes.values()):
+            first = policy.at_fault(state.outcomes)[0]  # a cause rather than a victim, if one is known yet
             trigger = f"worker {first.worker_id} {first.kind.value}: {first.message}"
             return self._begin_restart(state, now, trigger=trigger)
         self._record_heartbeats(state, now)
