@@ -64,7 +64,8 @@ class LogProgress:
             self._write(event.message)
         now = time.monotonic()
         status = _status(snapshot)
-        if snapshot["state"] == "RUNNING" and status != self._last_status and (
+        moving = snapshot["state"] == "RUNNING" and "step" in (snapshot.get("metrics") or {})
+        if moving and status != self._last_status and (
             now - self._last_status_at >= self.status_interval_s
         ):
             self._write(status)

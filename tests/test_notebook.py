@@ -1,0 +1,79 @@
+"""Executes notebooks/quickstart.ipynb on a real Jupyter kernel and checks what it showed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+
+def _texts(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output["text"])
+        elif "data" in output:
+            parts.append(output["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """Processes carrying the kernel's marker: the kernel and every Ray process it started."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("RAY_ELASTIC_NOTEBOOK_TEST") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def _left_behind(marker: str, wait_s: float) -> list[str]:
+    """Wait for the marked processes to go; kill and name those that stay."""
+    deadline = time.monotonic() + wait_s
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    named = []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            named.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
+            proc.kill()
+    return named
+
+
+def test_quickstart_notebook_shrinks_and_grows_back(tmp_path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=400, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    marker = uuid.uuid4().hex
+    try:
+        client.execute(env={**os.environ, "RAY_ELASTIC_NOTEBOOK_TEST": marker})  # raises on any cell's error
+    finally:
+        nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept by pytest, for a look after a failure
+        left = _left_behind(marker, wait_s=20)
+    assert not left, f"the notebook left processes behind: {left}"
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    errors = [o for c in code_cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    everything = "\n".join(_texts(c) for c in code_cells)
+    assert "restarts spent: 1" in everything, everything[-4000:]
+    assert "after the node loss: world size 3" in everything, everything[-4000:]
+    assert "after the node joined: world size 4" in everything, everything[-4000:]
+    assert "run finished after 1 restart(s)" in everything, everything[-4000:]
+    outputs = [o for c in code_cells for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the loss / world-size plot was not drawn"
+    bars = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert bars or "ray_elastic:" in everything, "no progress bar was shown"
