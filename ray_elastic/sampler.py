@@ -18,6 +18,11 @@ class ElasticSampler(torch.utils.data.Sampler[int]):
     state, and after a membership change the remaining samples are split across
     the new world, so no committed sample is repeated and none is skipped.
 
+    Ranks' shares of what remains differ by at most one sample, so ranks may see a
+    different number of batches at the end of an epoch; loop over
+    `steps_left(batch_size)` global steps (the same on every rank) rather than
+    over the loader, or a rank may wait in a collective the others skipped.
+
     Args:
         num_samples: dataset length.
         shuffle: permute each epoch (seeded by `seed + epoch`, identical on all ranks).
@@ -52,6 +57,11 @@ class ElasticSampler(torch.utils.data.Sampler[int]):
         rank, world = self._world()
         remaining = max(0, self.num_samples - self.consumed)
         return len(range(rank, remaining, world))
+
+    def steps_left(self, batch_size: int) -> int:
+        """Whole steps of `batch_size` per rank left in this epoch: the same number on every rank."""
+        _, world = self._world()
+        return max(0, self.num_samples - self.consumed) // (batch_size * world)
 
     def record_batch(self, batch_size: int) -> None:
         """Advance the position by one step of `batch_size` samples on every rank."""

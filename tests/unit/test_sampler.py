@@ -57,3 +57,14 @@ def test_new_epoch_starts_from_zero_with_a_new_order():
     assert sorted(second) == list(range(20)) and second != first
     assert len(sampler) == 20
     set_session(None)
+
+
+def test_steps_left_is_the_same_on_every_rank():
+    sampler = ElasticSampler(num_samples=103, shuffle=False)
+    lengths = set()
+    for rank in range(4):
+        _as_rank(rank, 4)
+        lengths.add(sampler.steps_left(5))
+        assert len(sampler) >= sampler.steps_left(5) * 5
+    assert lengths == {5}
+    set_session(None)
