@@ -51,7 +51,8 @@ class Session:
         self.checkpointer = checkpointer
         self._stop_requested = on_stop_check or (lambda: False)
         self._lock = threading.Lock()
-        self.reports: deque[tuple[float, dict[str, Any]]] = deque(maxlen=10_000)
+        self.reports: deque[tuple[float, dict[str, Any]]] = deque()
+        self._first_seq = 0  # sequence number of reports[0]
         self.last_metrics: dict[str, Any] | None = None
         self.progress_count = 0
         self.last_progress = time.monotonic()
@@ -83,11 +84,17 @@ class Session:
             self.reports.append((time.time(), self.last_metrics))
         self.mark_progress()
 
-    def drain_reports(self) -> list[tuple[float, dict[str, Any]]]:
+    def unacknowledged_reports(self, acked_seq: int = -1) -> tuple[int, list[tuple[float, dict[str, Any]]]]:
+        """Forget reports up to `acked_seq` (the coordinator has them); return (first seq, the rest).
+
+        Reports are kept until acknowledged, so an answer lost at the end of a round
+        costs nothing: the round's outcome carries whatever was not acknowledged.
+        """
         with self._lock:
-            drained = list(self.reports)
-            self.reports.clear()
-        return drained
+            while self.reports and self._first_seq <= acked_seq:
+                self.reports.popleft()
+                self._first_seq += 1
+            return self._first_seq, list(self.reports)
 
 
 _active: Session | None = None

@@ -6,6 +6,7 @@ member has a `run_round` call in flight, and a dead actor fails it at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ from ray_elastic.worker.actor import ElasticWorker
 logger = logging.getLogger("ray_elastic")
 
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
+# A node group not placed within PLACEMENT_PATIENCE_S (its node is taken, e.g. by another run) is
+# moved to a node that could hold it; the node passed over is not tried again for PASSED_OVER_S.
+PLACEMENT_PATIENCE_S = 5.0
+PASSED_OVER_S = 10.0
 
 
 def _gpu_order(gpu_id: str) -> tuple[int, str]:
@@ -59,6 +64,7 @@ class _Node:
     placed: bool = False
     slots: list[_Slot | None] = field(default_factory=list)
     generation: int = 0
+    created: float = 0.0
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -88,6 +94,8 @@ class RayWorkerGroup(WorkerGroup):
         self._pids: set[int] = set()
         self._slots: dict[str, _Slot] = {}  # every slot ever started, by worker id
         self._demand = 0
+        self._passed_over: dict[str, float] = {}  # node id -> when a group pending there was moved
+        self._acked: dict[str, int] = {}  # worker id -> highest report sequence number passed on
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -100,16 +108,23 @@ class RayWorkerGroup(WorkerGroup):
             info = infos.get(node_id)
             if info is None or not info.alive:
                 self._drop_node(node_id)
-        for node_id, info in sorted(infos.items()):
-            if len(self.nodes) >= self.config.max_nodes:
-                break
-            if node_id in self.nodes or not info.alive:
-                continue
-            if fits(info.resources, self.config.bundle, self.config.nproc_per_node):
-                pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
-                                  name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
-                self.nodes[node_id] = _Node(node_id, pg, pg.ready(),
-                                            slots=[None] * self.config.nproc_per_node)
+        free = [  # nodes that could hold a node group of this run, not passed over lately
+            node_id for node_id, info in sorted(infos.items())
+            if node_id not in self.nodes and info.alive
+            and now - self._passed_over.get(node_id, float("-inf")) >= PASSED_OVER_S
+            and fits(info.resources, self.config.bundle, self.config.nproc_per_node)
+        ]
+        stuck = [n.node_id for n in self.nodes.values() if not n.placed and now - n.created >= PLACEMENT_PATIENCE_S]
+        for node_id in stuck[:len(free)]:
+            logger.info("node group on %s not placed after %gs; trying another node", node_id[:12],
+                        PLACEMENT_PATIENCE_S)
+            self._drop_node(node_id)
+            self._passed_over[node_id] = now
+        for node_id in free[:max(0, self.config.max_nodes - len(self.nodes))]:
+            pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
+                              name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
+            self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
+                                        created=now)
         self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
         self._advance_startups()
 
@@ -201,6 +216,7 @@ class RayWorkerGroup(WorkerGroup):
         self.round_id = plan.round_id
         self._round_refs.clear()
         self._probe_refs.clear()
+        self._acked.clear()  # reports are numbered per round
         self._members = plan.worker_ids
         for a in plan.assignments():
             slot = self._slot(a.worker_id)
@@ -235,7 +251,7 @@ class RayWorkerGroup(WorkerGroup):
                 outcome = WorkerOutcome(worker_id, self.round_id, OutcomeKind.DIED, message=str(exc)[:500])
             if slot is not None:
                 slot.status = DEAD if outcome.kind is OutcomeKind.DIED else READY
-            outcomes.append(outcome)
+            outcomes.append(self._new_reports_only(outcome))
         return outcomes
 
     def probe(self, round_id: int) -> list[Heartbeat]:
@@ -252,8 +268,17 @@ class RayWorkerGroup(WorkerGroup):
         for worker_id in self._members:
             slot = self._slot(worker_id)
             if slot is not None and slot.status == BUSY and worker_id not in outstanding:
-                self._probe_refs[slot.actor.probe.remote(round_id)] = worker_id
-        return beats
+                acked = self._acked.get(worker_id, -1)
+                self._probe_refs[slot.actor.probe.remote(round_id, acked)] = worker_id
+        return [self._new_reports_only(beat) for beat in beats]
+
+    def _new_reports_only(self, answer: Any) -> Any:
+        """Drop reports already passed on (answers overlap until acknowledged); advance the ack."""
+        seen = self._acked.get(answer.worker_id, -1)
+        skip = max(0, seen + 1 - answer.first_seq)
+        if answer.reports:
+            self._acked[answer.worker_id] = max(seen, answer.first_seq + len(answer.reports) - 1)
+        return dataclasses.replace(answer, reports=answer.reports[skip:], first_seq=answer.first_seq + skip)
 
     def request_stop(self, round_id: int) -> None:
         for worker_id in self._members:

@@ -102,7 +102,8 @@ class WorkerOutcome:
     traceback: str = ""
     communication: bool = False  # the exception came from a collective losing a peer
     step: int | None = None
-    reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # not yet probed
+    reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # not yet acknowledged
+    first_seq: int = 0  # sequence number of reports[0]
 
     @property
     def is_failure(self) -> bool:
@@ -118,3 +119,4 @@ class Heartbeat:
     progress: int
     step: int | None
     reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    first_seq: int = 0  # sequence number of reports[0]; reports are numbered per round

@@ -87,12 +87,14 @@ class ElasticWorker:
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if self.config.use_gpu else []
         return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id, "gpu_ids": gpu_ids}
 
-    def probe(self, round_id: int) -> Heartbeat:
+    def probe(self, round_id: int, acked_seq: int = -1) -> Heartbeat:
+        """Liveness and progress; carries the reports the coordinator has not acknowledged."""
         session = self._session
         if session is None or self._round_id != round_id:
             return Heartbeat(self.worker_id, round_id, -1, None)
+        first_seq, reports = session.unacknowledged_reports(acked_seq)
         return Heartbeat(
-            self.worker_id, round_id, session.progress_count, session.last_committed_step, session.drain_reports()
+            self.worker_id, round_id, session.progress_count, session.last_committed_step, reports, first_seq
         )
 
     def request_stop(self, round_id: int) -> None:
@@ -225,7 +227,8 @@ class ElasticWorker:
         return self.train_fn(self.train_config) if takes_config else self.train_fn()
 
     def _outcome(self, spec: RoundSpec, kind: OutcomeKind, session: Session, **fields: Any) -> WorkerOutcome:
+        first_seq, reports = session.unacknowledged_reports()
         return WorkerOutcome(
             self.worker_id, spec.round_id, kind, step=session.last_committed_step,
-            reports=session.drain_reports(), **fields
+            reports=reports, first_seq=first_seq, **fields
         )
