@@ -108,7 +108,8 @@ def _check_resumed(snap: Path, steps: int, world_size: int) -> list[int]:
     return [s["pid"] for s in starts]
 
 
-@pytest.mark.parametrize("mode", ["in_process", "subprocess"])
+# In-process `main([...])` is covered by the other tests here; this one goes through `python -m`.
+@pytest.mark.parametrize("mode", ["subprocess"])
 def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, make_cluster, no_leaks, tmp_path):
     cluster = make_cluster(num_nodes=2, cpus_per_node=2)
     snap, logs, steps = tmp_path / "snap", tmp_path / "logs", 30
