@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -66,6 +67,9 @@ def _find_unpicklable(fn: Callable[..., Any]) -> str | None:
     return None
 
 
+_PICKLE_LOCK = threading.Lock()
+
+
 def _pickle_train_fn(train_fn: Callable[..., Any], train_config: Any) -> bytes:
     if not callable(train_fn):
         raise ConfigError(f"train_fn must be callable, got {type(train_fn).__name__}.")
@@ -73,20 +77,21 @@ def _pickle_train_fn(train_fn: Callable[..., Any], train_config: Any) -> bytes:
     by_value = module is not None and module.__name__ != "__main__" and "site-packages" not in (
         getattr(module, "__file__", "") or ""
     )
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps((train_fn, train_config))
-    except Exception as exc:  # noqa: BLE001 - reported with the culprit
-        culprit = _find_unpicklable(train_fn)
-        where = f" It captures {culprit}." if culprit else ""
-        raise ConfigError(
-            f"train_fn cannot be pickled to send to workers: {exc}.{where} Create that object inside "
-            f"train_fn instead of capturing it."
-        ) from exc
-    finally:
+    with _PICKLE_LOCK:  # the by-value registry is global: runs started from two threads must not interleave
         if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps((train_fn, train_config))
+        except Exception as exc:  # noqa: BLE001 - reported with the culprit
+            culprit = _find_unpicklable(train_fn)
+            where = f" It captures {culprit}." if culprit else ""
+            raise ConfigError(
+                f"train_fn cannot be pickled to send to workers: {exc}.{where} Create that object inside "
+                f"train_fn instead of capturing it."
+            ) from exc
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def _connect(ray_address: str | None) -> None:

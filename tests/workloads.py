@@ -30,12 +30,42 @@ def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[flo
 _restores: list[tuple[int, str, list[float]]] = []  # per process, across re-entries: (round, source, digest)
 
 
+def _trace_commit(trace_dir: str, step: int, round_id: int) -> None:
+    """Rank 0 appends `step wall_time pid round_id master_port` to `<trace_dir>/steps.log` per committed step.
+
+    Unlike the committed log in State, this file is not exactly-once: a step
+    completed, lost and redone shows twice, which is what it is for.
+    """
+    line = f"{step} {time.time():.6f} {os.getpid()} {round_id} {os.environ.get('MASTER_PORT', '-')}\n"
+    with open(os.path.join(trace_dir, "steps.log"), "a", encoding="utf-8") as out:
+        out.write(line)
+
+
+def _step_limit(steps: int, trace_dir: str | None) -> int:
+    """`steps`, lowered by a `<trace_dir>/stop_at` file (written by a harness well ahead of every rank)."""
+    if not trace_dir:
+        return steps
+    try:
+        with open(os.path.join(trace_dir, "stop_at"), encoding="utf-8") as handle:
+            return min(steps, int(handle.read().strip()))
+    except (OSError, ValueError):
+        return steps
+
+
 def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
-    config: steps, sleep_s (per step), faults (FaultInjector or None), width.
+    config: steps, sleep_s (per step), faults (FaultInjector or None), width,
+    first_attempt_env (variables set in the worker while restart_count is 0, removed
+    after: a crash hook that must fire once), trace_dir (see `_trace_commit`; a
+    `stop_at` file there lowers `steps`, see `_step_limit`).
     """
     ctx = ray_elastic.get_context()
+    for key, value in config.get("first_attempt_env", {}).items():
+        if ctx.restart_count == 0:
+            os.environ[key] = value
+        else:
+            os.environ.pop(key, None)
     torch.manual_seed(1234 + ctx.rank)  # different on purpose: State must make them equal
     width = config.get("width", 8)
     net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).double()
@@ -48,7 +78,8 @@ def ddp_train(config: dict) -> dict:
     faults = config.get("faults")
     generator = torch.Generator().manual_seed(ctx.rank)
     loss = torch.tensor(0.0)
-    while state.step < config["steps"]:
+    trace_dir = config.get("trace_dir")
+    while state.step < _step_limit(config["steps"], trace_dir):
         if faults is not None:
             faults.check(state.step)
         x = torch.randn(16, width, dtype=torch.float64, generator=generator)
@@ -59,7 +90,12 @@ def ddp_train(config: dict) -> dict:
         state.step += 1
         state.log.append(state.step)
         state.worlds.append(ctx.world_size)
-        state.commit()
+        committed = state.commit_id
+        try:
+            state.commit()
+        finally:  # a commit that raises MembershipChange did take its snapshot
+            if trace_dir and ctx.rank == 0 and state.commit_id != committed:
+                _trace_commit(trace_dir, state.step, ctx.round_id)
         ray_elastic.report({"step": state.step, "loss": loss.item(), "world_size": ctx.world_size})
         if config.get("sleep_s"):
             time.sleep(config["sleep_s"])

@@ -8,6 +8,12 @@
 A fault fires only in the round whose restart count matches (default: the
 first attempt), so it fires once even though train_fn is re-entered and
 replacement processes start with a fresh copy of the injector.
+
+Faults can also be requested while a run goes (a soak test, a notebook):
+`FaultInjector(trigger_dir=d)` fires a fault at the next `check` of the rank
+named by `request_fault(d, kind, rank)`. With `log_path`, every fault that
+fires first appends `kind rank step wall_time pid` there, so a harness can time
+detection and recovery from the moment of the fault.
 """
 
 from __future__ import annotations
@@ -32,9 +38,26 @@ class Fault:
     restart_count: int = 0
 
 
+_KINDS = ("raise", "kill", "hang")
+
+
+def _trigger_path(trigger_dir: str, kind: str, rank: int) -> str:
+    return os.path.join(trigger_dir, f"{kind}-rank{rank}")
+
+
+def request_fault(trigger_dir: str, kind: str, rank: int) -> None:
+    """Ask rank `rank` of a run whose injector watches `trigger_dir` to raise/kill/hang at its next check."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    with open(_trigger_path(trigger_dir, kind, rank), "w", encoding="utf-8"):
+        pass
+
+
 @dataclass
 class FaultInjector:
     faults: list[Fault] = field(default_factory=list)
+    log_path: str | None = None
+    trigger_dir: str | None = None
 
     def _add(self, kind: str, rank: int, step: int, restart_count: int) -> FaultInjector:
         self.faults.append(Fault(kind, rank, step, restart_count))
@@ -53,18 +76,30 @@ class FaultInjector:
         return self._add("hang", rank, step, restart_count)
 
     def check(self, step: int) -> None:
-        """Fire any fault set for this rank, step and restart count."""
+        """Fire any fault set for (or requested of) this rank, step and restart count."""
         ctx = get_context()
         for fault in self.faults:
-            if (fault.rank, fault.step, fault.restart_count) != (ctx.rank, step, ctx.restart_count):
-                continue
-            if fault.kind == "raise":
-                raise InjectedFault(f"injected failure on rank {ctx.rank} at step {step}")
-            if fault.kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault.kind == "hang":
-                os.kill(os.getpid(), signal.SIGSTOP)
-                time.sleep(0.1)
+            if (fault.rank, fault.step, fault.restart_count) == (ctx.rank, step, ctx.restart_count):
+                self._fire(fault.kind, ctx.rank, step)
+        if self.trigger_dir is not None:
+            for kind in _KINDS:
+                try:  # removing the request claims it: it fires once
+                    os.unlink(_trigger_path(self.trigger_dir, kind, ctx.rank))
+                except FileNotFoundError:
+                    continue
+                self._fire(kind, ctx.rank, step)
+
+    def _fire(self, kind: str, rank: int, step: int) -> None:
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as out:
+                out.write(f"{kind} {rank} {step} {time.time():.6f} {os.getpid()}\n")
+        if kind == "raise":
+            raise InjectedFault(f"injected failure on rank {rank} at step {step}")
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(0.1)
 
 
 def fail_at(rank: int, step: int, restart_count: int = 0) -> FaultInjector:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import psutil
 import ray
@@ -58,25 +59,38 @@ def _titled_processes(raylet_pids: set[int] | None = None) -> list[int]:
     return found
 
 
+def listening_ports(ports: Iterable[int]) -> list[int]:
+    """Those of `ports` that a TCP socket on this machine still listens on."""
+    wanted = set(ports)
+    if not wanted:
+        return []
+    bound = {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr}
+    return sorted(wanted & bound)
+
+
 def find_leaks(
-    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None
+    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None,
+    ports: Iterable[int] = (),
 ) -> list[str]:
-    """Wait up to timeout_s for the run's leftovers to go; return what is still there."""
+    """Wait up to timeout_s for the run's leftovers (and its store `ports`) to go; return what is still there."""
     deadline = time.monotonic() + timeout_s
+    ports = tuple(ports)
     while True:
         leaks = [f"actor {a.get('ActorClassName')} {a.get('State')}" for a in live_run_actors()]
         leaks += [f"placement group {p.get('name')} {p.get('state')}" for p in live_run_placement_groups()]
         pids = set(worker_pids) | set(_titled_processes(raylet_pids))
         leaks += [f"worker process {pid}" for pid in sorted(pids) if _alive(pid)]
+        leaks += [f"port {port} still listening" for port in listening_ports(ports)]
         if not leaks or time.monotonic() >= deadline:
             return leaks
         time.sleep(0.2)
 
 
 def assert_no_leaks(
-    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None
+    worker_pids: list[int] | tuple[int, ...] = (), timeout_s: float = 10.0, raylet_pids: set[int] | None = None,
+    ports: Iterable[int] = (),
 ) -> None:
     """Raise AssertionError naming whatever the run left behind after timeout_s."""
-    leaks = find_leaks(worker_pids, timeout_s, raylet_pids)
+    leaks = find_leaks(worker_pids, timeout_s, raylet_pids, ports)
     if leaks:
         raise AssertionError("run left behind: " + ", ".join(leaks))

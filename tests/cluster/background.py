@@ -21,6 +21,7 @@ class BackgroundRun:
         self._train_fn = train_fn
         self.result: Any = None
         self.error: BaseException | None = None
+        self.ended_at: float | None = None  # time.time() when run returned or raised
         self._thread = threading.Thread(target=self._target, daemon=True)
         self._thread.start()
 
@@ -29,6 +30,12 @@ class BackgroundRun:
             self.result = ray_elastic.run(self._train_fn, **self._kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             self.error = exc
+        finally:
+            self.ended_at = time.time()
+
+    def alive(self) -> bool:
+        """True while `run` has not returned or raised."""
+        return self._thread.is_alive()
 
     def events(self) -> list[dict]:
         if not self.events_path.exists():
@@ -48,7 +55,8 @@ class BackgroundRun:
             if not self._thread.is_alive():
                 raise AssertionError(f"run ended before {count} {kind!r} event(s): {self.error!r}")
             time.sleep(0.05)
-        raise AssertionError(f"no {count} {kind!r} event(s) within {timeout_s}s; saw {[e['kind'] for e in self.events()]}")
+        seen = [e["kind"] for e in self.events()]
+        raise AssertionError(f"no {count} {kind!r} event(s) within {timeout_s}s; saw {seen}")
 
     def join(self, timeout_s: float = 180.0) -> Any:
         self._thread.join(timeout_s)

@@ -1,0 +1,225 @@
+"""Measuring one row of the fault matrix (docs RELIABILITY.md): traces, fault times and the checks.
+
+`tests.workloads.ddp_train` with `config["trace_dir"]` makes rank 0 append one
+line per committed step (`step wall_time pid round_id master_port`), and a
+`FaultInjector(log_path=...)` one line per fault fired. From these and the
+run's events (`worker_lost` = the coordinator knows) a row's figures follow:
+
+- detection: fault -> the first `worker_lost` event after it;
+- recovery: fault -> the first step committed in a later round;
+- steps redone: trace lines minus distinct steps (a step committed twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+TRACE_FILE = "steps.log"
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One line of the trace: a step rank 0 committed."""
+
+    step: int
+    wall: float
+    pid: int
+    round_id: int
+    master_port: int | None
+
+
+@dataclass(frozen=True)
+class FiredFault:
+    """One line of a FaultInjector log."""
+
+    kind: str
+    rank: int
+    step: int
+    wall: float
+    pid: int
+
+
+class Trace:
+    """The committed-step trace of one run (see module docstring)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def faults_log(self) -> str:
+        """Where a FaultInjector of this run logs the faults it fires."""
+        return str(self.dir / "faults.log")
+
+    def commits(self) -> list[Commit]:
+        path = self.dir / TRACE_FILE
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 5:
+                step, wall, pid, round_id, port = parts
+                master_port = int(port) if port.isdigit() else None
+                out.append(Commit(int(step), float(wall), int(pid), int(round_id), master_port))
+        return out
+
+    def fired(self) -> list[FiredFault]:
+        path = Path(self.faults_log)
+        if not path.exists():
+            return []
+        rows = (line.split() for line in path.read_text().splitlines() if line.strip())
+        return [FiredFault(k, int(r), int(s), float(w), int(p)) for k, r, s, w, p in rows]
+
+    def wait_for_step(self, step: int, timeout_s: float = 120.0, alive: Any = None) -> Commit:
+        """Block until rank 0 committed `step` (or later); `alive()` False ends the wait early."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [c for c in self.commits() if c.step >= step]
+            if done:
+                return done[0]
+            if alive is not None and not alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"step {step} was not committed within {timeout_s}s; trace: {self.commits()[-3:]}")
+
+    def stop_at(self, step: int) -> int:
+        """Make the run end after `step` (ddp_train reads `stop_at` each step; keep it ahead of every rank)."""
+        tmp = self.dir / "stop_at.tmp"
+        tmp.write_text(str(step))
+        os.replace(tmp, self.dir / "stop_at")
+        return step
+
+    def redone(self) -> int:
+        commits = self.commits()
+        return len(commits) - len({c.step for c in commits})
+
+    def first_commit_after(self, fault_time: float) -> Commit | None:
+        """The first step committed after `fault_time` in a round later than the one the fault hit."""
+        commits = self.commits()
+        before = [c.round_id for c in commits if c.wall <= fault_time]
+        fault_round = max(before) if before else -1
+        return next((c for c in commits if c.wall > fault_time and c.round_id > fault_round), None)
+
+    def recovery_s(self, fault_time: float) -> float | None:
+        commit = self.first_commit_after(fault_time)
+        return None if commit is None else commit.wall - fault_time
+
+    def ports(self) -> set[int]:
+        """Every store port (MASTER_PORT) the run's rounds used."""
+        return {c.master_port for c in self.commits() if c.master_port is not None}
+
+    def ports_by_round(self) -> dict[int, int]:
+        return {c.round_id: c.master_port for c in self.commits() if c.master_port is not None}
+
+
+def event_fields(event: Any) -> tuple[str, float, dict[str, Any], str]:
+    """(kind, time, data, message) of an `Event` or of its JSON-lines form."""
+    if isinstance(event, dict):
+        return event["kind"], float(event["time"]), event.get("data", {}), event.get("message", "")
+    return event.kind, float(event.time), event.data, event.message
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a run's JSON-lines event log (`run(..., event_log_path=path)`)."""
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def detection_s(events: Iterable[Any], fault_time: float, kind: str = "worker_lost") -> float | None:
+    """Fault -> the first `kind` event at or after it (the coordinator knows)."""
+    times = sorted(t for k, t, _, _ in map(event_fields, events) if k == kind and t >= fault_time)
+    return times[0] - fault_time if times else None
+
+
+def check_run(result: Any, steps: int, restarts: int) -> None:
+    """Checks (a), (b) and (c) of every row; (d) is the `no_leaks` fixture."""
+    values = result.return_values
+    assert [v["rank"] for v in values] == list(range(len(values)))
+    for v in values:
+        assert v["log"] == list(range(1, steps + 1)), "(a) every committed step exactly once, in order"
+        assert v["weights"] == values[0]["weights"], "(b) all ranks end with identical weights"
+    assert result.restarts == restarts, f"(c) restarts spent {result.restarts}, expected {restarts}"
+
+
+class DeathWatch:
+    """Notes when a process dies (or turns zombie), polling every few milliseconds in a thread."""
+
+    def __init__(self, pid: int, poll_s: float = 0.005):
+        self.pid = pid
+        self.died_at: float | None = None
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            proc = psutil.Process(self.pid)
+        except psutil.Error:
+            self.died_at = time.time()
+            return
+        while not self._stop.is_set():
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.Error:
+                break
+            time.sleep(self._poll_s)
+        else:
+            return
+        self.died_at = time.time()
+
+    def wait(self, timeout_s: float) -> float | None:
+        self._thread.join(timeout_s)
+        self._stop.set()
+        return self.died_at
+
+
+@contextlib.contextmanager
+def bound_ports(count: int) -> Any:
+    """Hold `count` listening TCP sockets on ephemeral ports; yields their port numbers."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("0.0.0.0", 0))
+            sock.listen(1)
+            socks.append(sock)
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def ensure_nodes(cluster: Any, count: int, timeout_s: float = 60.0) -> None:
+    """Add worker nodes, or remove them gracefully, until exactly `count` are alive."""
+    import ray
+
+    from ray_elastic.testing.cluster import WORKER_NODE_RESOURCE
+
+    while len(cluster.nodes) < count:
+        cluster.add_node()
+    while len(cluster.nodes) > count:
+        cluster.kill_node(cluster.nodes[-1], graceful=True)
+    deadline = time.monotonic() + timeout_s
+    alive = -1
+    while time.monotonic() < deadline:
+        alive = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE))
+        if alive == count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{alive} worker nodes alive after {timeout_s}s, wanted {count}")

@@ -1,0 +1,179 @@
+"""Fault matrix rows 0-3, 7 and 8: no fault, a raise, a SIGKILL, a hang, two ranks at once, budget spent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+
+import pytest
+import ray
+
+import ray_elastic
+from ray_elastic.api import coordinator_name
+from ray_elastic.testing import FaultInjector
+from ray_elastic.testing.leaks import find_leaks
+from tests.cluster.background import BackgroundRun
+from tests.faults.matrix import DeathWatch, check_run, detection_s, ensure_nodes, read_events
+from tests.workloads import ddp_train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+
+def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, figures):
+    ensure_nodes(cluster, 4)
+    steps = 20
+    started = time.time()
+    result = ray_elastic.run(ddp_train, config={"steps": steps, "trace_dir": str(trace.dir)},
+                             min_nodes=2, max_nodes=2, nproc_per_node=2, progress="none")
+    commits = trace.commits()
+    figures(0, "none", restarts=result.restarts, budget=3, steps_redone=trace.redone(),
+            startup_s=commits[0].wall - started,
+            step_s=statistics.median(b.wall - a.wall for a, b in zip(commits, commits[1:])))
+    values = result.return_values
+    assert len(values) == 4
+    check_run(result, steps, restarts=0)
+    assert [(r.round_id, r.world_size) for r in result.rounds] == [(0, 4)]
+    for v in values:
+        rank = v["rank"]
+        assert v["context"] == {
+            "rank": rank, "local_rank": rank % 2, "world_size": 4, "local_world_size": 2,
+            "node_rank": rank // 2, "num_nodes": 2, "restart_count": 0, "round_id": 0,
+        }
+        env = v["env"]
+        assert env["RANK"] == str(rank) and env["LOCAL_RANK"] == str(rank % 2)
+        assert env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2" and env["GROUP_RANK"] == str(rank // 2)
+        assert env["TORCHELASTIC_RESTART_COUNT"] == "0" and env["TORCHELASTIC_MAX_RESTARTS"] == "3"
+        assert env["TORCHELASTIC_RUN_ID"] == result.run_id
+        assert int(env["MASTER_PORT"]) > 0
+    assert result.metrics["step"] == steps
+    assert trace.redone() == 0
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row1_train_fn_raising_once_resumes_from_last_commit(cluster, no_leaks, trace, figures):
+    ensure_nodes(cluster, 4)
+    steps = 24
+    faults = FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=17)
+    result = ray_elastic.run(ddp_train, config={"steps": steps, "faults": faults, "trace_dir": str(trace.dir)},
+                             min_nodes=2, max_restarts=3, progress="none")
+    fault = trace.fired()[0]
+    detected = detection_s(result.events, fault.wall)
+    figures(1, "train_fn raises once", detection_s=detected, recovery_s=trace.recovery_s(fault.wall),
+            steps_redone=trace.redone(), restarts=result.restarts, budget=3)
+    check_run(result, steps, restarts=1)
+    assert [v["context"]["restart_count"] for v in result.return_values] == [1, 1]
+    restart_events = [e for e in result.events if e.kind == "restart"]
+    assert len(restart_events) == 1 and "InjectedFault" in restart_events[0].message
+    assert trace.first_commit_after(fault.wall).step == 18, "resumed from the last commit (step 17)"
+    assert detected is not None and detected < 5.0
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row2_sigkill_of_a_worker_costs_one_restart(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 4)
+    steps, name = 60, f"sigkill-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=4, max_restarts=3, name=name)
+    run.wait_for("round_formed")
+    rank0 = trace.wait_for_step(3, alive=run.alive)
+    pids = ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
+    victim = next(pid for pid in pids if pid != rank0.pid)
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    result = run.join()
+    detected = detection_s(result.events, killed_at)
+    figures(2, "worker SIGKILL", detection_s=detected, recovery_s=trace.recovery_s(killed_at),
+            steps_redone=trace.redone(), restarts=result.restarts, budget=3)
+    check_run(result, steps, restarts=1)
+    assert any(e.kind == "restart" and "died" in e.message for e in result.events)
+    assert victim not in {v["pid"] for v in result.return_values}
+    assert detected is not None and detected < 5.0, f"detection took {detected}s (RELIABILITY: < 1 s when quiet)"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row3_hung_rank_is_aborted_by_watchdog_and_a_woken_one_cannot_rejoin(cluster, no_leaks, trace, figures,
+                                                                              tmp_path):
+    """Two hangs (SIGSTOP): the first is woken (SIGCONT) as soon as the round is aborted and
+    must only come back through a new round; the second stays stopped and is killed."""
+    ensure_nodes(cluster, 4)
+    steps, hang_timeout_s, probe_timeout_s = 30, 8.0, 2.0
+    faults = (FaultInjector(log_path=trace.faults_log).hang_at(rank=1, step=5)
+              .hang_at(rank=1, step=12, restart_count=1))
+    started = time.monotonic()
+    config = {"steps": steps, "faults": faults, "trace_dir": str(trace.dir), "sleep_s": 0.05}
+    run = BackgroundRun(tmp_path, ddp_train, config=config, min_nodes=2, max_nodes=3, max_restarts=2,
+                        hang_timeout_s=hang_timeout_s, probe_timeout_s=probe_timeout_s)
+    run.wait_for("worker_lost", timeout_s=120)
+    woken = trace.fired()[0]
+    os.kill(woken.pid, signal.SIGCONT)  # the stale worker wakes inside the round that was just aborted
+    run.wait_for("worker_lost", count=2, timeout_s=120)
+    fired = trace.fired()
+    assert len(fired) == 2, f"a round was lost without a hang: {[(e['kind'], e['message']) for e in run.events()]}"
+    stopped = fired[1]
+    watch = DeathWatch(stopped.pid)
+    result = run.join()
+    died_at = watch.wait(10)
+    events = result.events
+    detections = [detection_s(events, f.wall) for f in trace.fired()]
+    figures(3, "worker hang (SIGSTOP)", detection_s=detections[1], recovery_s=trace.recovery_s(stopped.wall),
+            steps_redone=trace.redone(), restarts=result.restarts, budget=2, hang_timeout_s=hang_timeout_s,
+            woken_detection_s=detections[0], killed_after_s=None if died_at is None else died_at - stopped.wall,
+            woken_rejoined=woken.pid in {v["pid"] for v in result.return_values})
+    assert time.monotonic() - started < 150
+    check_run(result, steps, restarts=2)
+    restart = [e for e in events if e.kind == "restart"]
+    assert len(restart) == 2 and all("(hang)" in e.message for e in restart), [e.message for e in restart]
+    for detected in detections:  # counted from the last progress the coordinator saw, which may predate the stop
+        assert detected is not None and detected < hang_timeout_s + 10
+    assert died_at is not None, "the rank that stayed stopped was killed"
+    assert died_at - stopped.wall < hang_timeout_s + probe_timeout_s + 10
+    assert stopped.pid not in {v["pid"] for v in result.return_values}
+    assert all("no progress" in e.data["trigger"] for e in events if e.kind == "worker_lost")
+    for v in result.return_values:  # the woken worker too, if it survived: it came back only through new rounds
+        entered = [round_id for round_id, _, _ in v["restores"]]
+        assert entered == sorted(set(entered)), f"pid {v['pid']} entered an old round again: {entered}"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row7_two_ranks_failing_together_count_once(cluster, no_leaks, trace, figures):
+    ensure_nodes(cluster, 4)
+    steps = 8
+    faults = FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=4).fail_at(rank=2, step=4)
+    result = ray_elastic.run(ddp_train, config={"steps": steps, "faults": faults, "trace_dir": str(trace.dir)},
+                             min_nodes=3, max_nodes=3, max_restarts=1, progress="none")
+    first = min(f.wall for f in trace.fired())
+    figures(7, "two ranks raise together", detection_s=detection_s(result.events, first),
+            recovery_s=trace.recovery_s(first), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    assert len(trace.fired()) == 2
+    check_run(result, steps, restarts=1)
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row8_budget_exhausted_fails_naming_the_first_failure(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 4)
+    events_path = tmp_path / "events.jsonl"
+    faults = (FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=3)
+              .fail_at(rank=1, step=5, restart_count=1).fail_at(rank=1, step=7, restart_count=2))
+    with pytest.raises(ray_elastic.TrainingFailedError) as info:
+        ray_elastic.run(ddp_train, config={"steps": 20, "faults": faults, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_restarts=2, event_log_path=str(events_path), progress="none")
+    raised_at = time.time()
+    leaks = find_leaks(timeout_s=10, raylet_pids=cluster.raylet_pids(), ports=trace.ports())
+    cleanup_s = time.time() - raised_at
+    err = info.value
+    fired = trace.fired()
+    figures(8, "budget exhausted (3 faults, max_restarts=2)", detection_s=detection_s(read_events(events_path),
+                                                                                     fired[0].wall),
+            steps_redone=trace.redone(), restarts=err.restarts, budget=2, cleanup_s=cleanup_s)
+    assert [f.step for f in fired] == [3, 5, 7]
+    assert err.restarts == 3 and err.max_restarts == 2
+    assert err.first_failure.rank == 1 and err.first_failure.kind == "exception"
+    assert err.first_failure.step == 3, "names the first failure, not the last"
+    assert "InjectedFault: injected failure on rank 1 at step 3" in err.first_failure.message
+    assert "raise InjectedFault" in err.first_failure.traceback
+    assert "Root cause" in str(err) and "raise max_restarts" in str(err)
+    assert not leaks and cleanup_s < 10, f"not cleaned up within 10 s: {leaks}"
+    assert [c.step for c in trace.commits()] == list(range(1, 8)), "each failure resumed from the last commit"
+    no_leaks()

@@ -1,0 +1,110 @@
+"""Fault matrix rows 4-6: a node crashes, nodes join, the cluster drops below min_nodes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import ray_elastic
+from tests.cluster.background import BackgroundRun
+from tests.faults.matrix import check_run, detection_s, ensure_nodes
+from tests.workloads import ddp_train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+# Ray's node health check on the cluster (LocalCluster defaults): a node is declared dead after about this long.
+HEALTH_CHECK_BOUND_S = 1.0 * 5
+
+
+def test_row4_losing_a_node_continues_on_fewer_nodes(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 3)
+    steps = 80
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=3, max_restarts=3)
+    run.wait_for("round_formed", world_size=3)
+    trace.wait_for_step(3, alive=run.alive)
+    crashed_at = time.time()
+    cluster.kill_node(cluster.nodes[-1], graceful=False)
+    result = run.join()
+    detected = detection_s(result.events, crashed_at)
+    figures(4, "node crash", detection_s=detected, recovery_s=trace.recovery_s(crashed_at),
+            steps_redone=trace.redone(), restarts=result.restarts, budget=3)
+    check_run(result, steps, restarts=1)
+    assert result.rounds[-1].num_nodes == 2, "shrank to the surviving nodes, still >= min_nodes"
+    assert detected is not None and detected < 2 * HEALTH_CHECK_BOUND_S, (
+        f"node loss seen after {detected}s; the health-check bound is {HEALTH_CHECK_BOUND_S}s"
+    )
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row5_nodes_join_at_a_commit_never_above_max_and_free(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 2)
+    steps = 150
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=3, max_restarts=0)
+    run.wait_for("round_formed")
+    trace.wait_for_step(3, alive=run.alive)
+    joined_at = time.time()
+    for _ in range(2):  # two nodes in a burst; only one fits under max_nodes=3
+        cluster.add_node()
+    grown = run.wait_for("round_formed", count=2)
+    result = run.join()
+    figures(5, "nodes join (2, room for 1)", detection_s=detection_s(result.events, joined_at, kind="node_ready"),
+            recovery_s=trace.recovery_s(joined_at), steps_redone=trace.redone(), restarts=result.restarts, budget=0)
+    assert grown["data"]["cause"] == "scale-up" and grown["data"]["world_size"] == 3
+    check_run(result, steps, restarts=0)
+    assert max(r.world_size for r in result.rounds) == 3
+    worlds = result.return_values[0]["worlds"]
+    assert worlds[0] == 2 and worlds[-1] == 3 and worlds == sorted(worlds), "grew once, at a commit"
+    assert all(v["resets"] == [3] for v in result.return_values), "reset callbacks saw the new world"
+    newcomer = [v for v in result.return_values if v["restored_from"] == "peer"]
+    assert len(newcomer) == 1, "the newcomer received state from a survivor"
+    final_round = result.rounds[-1].round_id
+    restored = [[d for r, _, d in v["restores"] if r == final_round] for v in result.return_values]
+    assert all(len(d) == 1 for d in restored)
+    assert all(d == restored[0] for d in restored), "newcomer's model+optimizer state equals survivors'"
+    assert any(x != 0.0 for x in restored[0])
+    assert trace.redone() == 0, "a scale-up loses no committed step"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row6_below_min_waits_and_resumes_when_a_node_returns(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 2)
+    steps = 120
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=2, max_restarts=2, wait_for_nodes_timeout_s=60)
+    run.wait_for("round_formed")
+    trace.wait_for_step(3, alive=run.alive)
+    crashed_at = time.time()
+    cluster.kill_node(cluster.nodes[-1], graceful=False)
+    waiting = run.wait_for("waiting", count=2)  # the first 'waiting' was at start
+    assert "1 more node" in waiting["message"]
+    returned_at = time.time()
+    cluster.add_node()
+    result = run.join()
+    figures(6, "below min, a node returns", detection_s=detection_s(result.events, crashed_at),
+            recovery_s=trace.recovery_s(crashed_at), steps_redone=trace.redone(), restarts=result.restarts, budget=2,
+            recovery_after_return_s=trace.recovery_s(returned_at))
+    check_run(result, steps, restarts=1)
+    assert result.rounds[-1].world_size == 2
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row6_below_min_fails_clearly_after_timeout(cluster, no_leaks, trace, figures, tmp_path):
+    ensure_nodes(cluster, 2)
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 500, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=2, max_restarts=2, wait_for_nodes_timeout_s=3)
+    run.wait_for("round_formed")
+    trace.wait_for_step(3, alive=run.alive)
+    crashed_at = time.time()
+    cluster.kill_node(cluster.nodes[-1], graceful=False)
+    with pytest.raises(ray_elastic.NotEnoughNodesError) as info:
+        run.join()
+    failed_after = detection_s(run.events(), crashed_at, kind="failed")
+    figures(6, "below min, no node returns (wait 3 s)", detection_s=detection_s(run.events(), crashed_at),
+            steps_redone=trace.redone(), restarts=info.value.restarts, budget=2, failed_after_s=failed_after)
+    assert "min_nodes=2" in str(info.value) and "add nodes" in str(info.value)
+    assert info.value.restarts == 1, "the node loss was counted once"
+    assert failed_after is not None and 3 <= failed_after < 30
+    no_leaks(ports=trace.ports())
