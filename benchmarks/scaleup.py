@@ -226,8 +226,9 @@ def measure(launcher: Any, logs: StepLogs, adds: int, timeout_s: float) -> Scale
     recent = before[-20:]
     step_ms = median([(b.wall - a.wall) * 1e3 for a, b in zip(recent, recent[1:])])
     if not reached:
+        why = "the launcher exited" if not launcher.alive() else f"still running after {timeout_s:g}s"
         return ScaleResult(launcher.name, False, add_call_s=add_call_s, step_ms=step_ms,
-                           note=f"not at {final} ranks within {timeout_s:g}s of the add")
+                           note=f"never stepped at {final} ranks: {why} ({time.time() - t_add:.0f}s after the add)")
     first_final = next(r for r in steps if r.world == final and r.wall > t_add)
     first_larger = next(r for r in steps if r.world > START_NODES and r.wall > t_add)
     last_before = max(r.wall for r in steps if r.wall <= t_add)
