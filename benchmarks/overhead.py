@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,25 @@ def run_elastic(log_dir: Path, width: int, steps: int, sleep_s: float, commit_ev
 
     config = {"log_dir": str(log_dir), "steps": steps, "width": width, "depth": DEPTH, "batch": BATCH,
               "sleep_s": sleep_s, "commit_every": commit_every}
-    ray_elastic.run(elastic_train, config=config, min_nodes=2, max_nodes=2, max_restarts=0, progress="none")
+    result = ray_elastic.run(elastic_train, config=config, min_nodes=2, max_nodes=2, max_restarts=0,
+                             progress="none")
+    settle(result.worker_pids)
+
+
+def settle(pids: Sequence[int] = (), quiet_s: float = 3.0) -> None:
+    """Wait for a run's processes to be gone, then a little more: teardown must not load the next run."""
+    import psutil
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in pids):
+        time.sleep(0.1)
+    time.sleep(quiet_s)
+
+
+def steps_for(size_m: float, args: argparse.Namespace) -> tuple[int, int]:
+    """(steps, warm-up steps): small models get more steps, so every run measures several seconds."""
+    steps = min(400, max(args.steps, int(args.steps * 10 / size_m)))
+    return steps, max(args.warmup, steps // 6)
 
 
 def measure_all(args: argparse.Namespace, root: Path) -> list[Timing]:
@@ -110,17 +129,21 @@ def measure_all(args: argparse.Namespace, root: Path) -> list[Timing]:
             variants: list[tuple[str, int]] = [("ray_elastic", 1)]
             if size == args.ratio_size and args.commit_every > 1:
                 variants.append((f"ray_elastic, commit every {args.commit_every}", args.commit_every))
+            steps, warmup = steps_for(size, args)
             for repeat in range(args.repeats if size == args.ratio_size else 1):
-                log(f"{params_m:.2f} M params (width {width}), repeat {repeat + 1}: torchrun")
-                run_dir = fresh_dir()
-                run_torchrun(groups, run_dir, width, args.steps, args.sleep_s)
-                timings.append(Timing("torchrun", params_m, *step_timing(run_dir, args.warmup)))
-                for name, every in variants:
-                    log(f"{params_m:.2f} M params, repeat {repeat + 1}: {name}")
+                runs: list[tuple[str, int]] = [("torchrun", 0), *(variants if repeat == 0 else variants[:1])]
+                if repeat % 2:  # alternate the order, so that neither side always runs first
+                    runs.reverse()
+                for name, every in runs:
+                    log(f"{params_m:.2f} M params (width {width}), {steps} steps, repeat {repeat + 1}: {name}")
                     run_dir = fresh_dir()
-                    run_elastic(run_dir, width, args.steps, args.sleep_s, every)
-                    timings.append(Timing(name, params_m, *step_timing(run_dir, args.warmup)))
-                log(f"  {[t for t in timings[-1 - len(variants):]]}")
+                    if name == "torchrun":
+                        run_torchrun(groups, run_dir, width, steps, args.sleep_s)
+                        settle()
+                    else:
+                        run_elastic(run_dir, width, steps, args.sleep_s, every)
+                    timings.append(Timing(name, params_m, *step_timing(run_dir, warmup)))
+                log(f"  {timings[-len(runs):]}")
     return timings
 
 
@@ -139,7 +162,9 @@ def report(timings: list[Timing], args: argparse.Namespace) -> str:
             commit_ms = median([t.commit_ms for t in mine])
             ratio = step_ms / base
             every = args.commit_every if "every" in system else 1
-            rows.append([f"{params_m:.2f}", system, f"{step_ms:.1f}",
+            runs_ms = [t.step_ms for t in mine]
+            spread = f" ({min(runs_ms):.0f}–{max(runs_ms):.0f})" if len(mine) > 1 else ""
+            rows.append([f"{params_m:.2f}", system, f"{step_ms:.1f}{spread}",
                          f"{commit_ms:.1f}" if system != "torchrun" else "—",
                          f"{100 * commit_ms / every / step_ms:.1f}%" if system != "torchrun" else "—",
                          f"{ratio:.3f}", len(mine)])
@@ -147,11 +172,12 @@ def report(timings: list[Timing], args: argparse.Namespace) -> str:
                 verdict = "met" if ratio <= 1.05 else f"missed by {100 * (ratio - 1.05):.1f} points"
                 ratio_line = (f"Target: step-time ratio ≤ 1.05 at ~{args.ratio_size:g} M parameters: "
                               f"{ratio:.3f} ({verdict}).")
-    headers = ["params (M)", "system", "step (ms, median)", "commit (ms, median)",
+    headers = ["params (M)", "system", "step (ms, median of runs (min–max))", "commit (ms, median)",
                "commit share of step", "step / torchrun's", "runs"]
     return "\n".join([
-        f"2 workers, 4-layer float32 MLP, batch {BATCH}, sleep {args.sleep_s:g}s, {args.steps} steps "
-        f"({args.warmup} warm-up steps excluded).", "", table(headers, rows), "", ratio_line,
+        f"2 workers, 4-layer float32 MLP, batch {BATCH}, sleep {args.sleep_s:g}s; per run "
+        f"min(400, max({args.steps}, {args.steps}×10/size in M)) steps, the first sixth (at least {args.warmup}) "
+        f"excluded.", "", table(headers, rows), "", ratio_line,
     ])
 
 
@@ -161,7 +187,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--sizes", default="0.1,1,10,30", help="model sizes in millions of parameters")
     parser.add_argument("--ratio-size", type=float, default=10.0, help="the size the 1.05 target is judged at")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs at --ratio-size")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs at --ratio-size (order alternates)")
     parser.add_argument("--commit-every", type=int, default=10, help="extra ray_elastic run committing every N")
     parser.add_argument("--sleep-s", type=float, default=0.0)
     parser.add_argument("--keep", action="store_true", help="keep the step logs (path printed at the end)")

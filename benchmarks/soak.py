@@ -207,7 +207,7 @@ class Soak:
                 log(f"not steady within 180 s (trainer error: {self.trainer.error!r}); stopping the faults")
                 break
             injections.append(self.inject(formed))
-            self.last_fault_at = max(injections[-1].at, time.time() - 1.0)
+            self.last_fault_at = injections[-1].at + 1.0  # a step in flight may still commit just after it
             log(f"injected {injections[-1].kind} ({injections[-1].detail})")
         if wait_until(self.steady, 180, poll_s=0.2) is not None:
             self.trace.stop_at(max(c.step for c in self.trace.commits()) + 20)
