@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,7 @@ def run(
     progress: str = "auto",
     ray_address: str | None = None,
     init_process_group: bool = True,
+    warmup_modules: Sequence[str] = ("torch._dynamo",),
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -159,6 +160,9 @@ def run(
         progress: "auto", "bar", "log" or "none".
         ray_address: cluster to connect to (default: RAY_ADDRESS, else a local Ray).
         init_process_group: False for train_fns that form their own group (the CLI's scripts).
+        warmup_modules: imported by every worker before it joins a round, so a newcomer does not
+            import them inside the round while survivors wait (DDP's constructor imports
+            torch._dynamo: ~2 s on 2 cores). Pass () to skip.
 
     Returns:
         RunResult of the final round.
@@ -193,6 +197,8 @@ def run(
             collective_timeout_s=collective_timeout_s,
             event_log_path=resolve_log_path(event_log_path),
             init_process_group=init_process_group,
+            # a bare string is kept as is, so that validate() rejects it instead of splitting it into letters
+            warmup_modules=warmup_modules if isinstance(warmup_modules, str) else tuple(warmup_modules),  # type: ignore[arg-type]
         )
     )
     if progress not in ("auto", "bar", "log", "none"):

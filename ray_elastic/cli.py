@@ -225,7 +225,8 @@ def execute(plan: LaunchPlan) -> int:
             max_restarts=plan.max_restarts, use_gpu=plan.use_gpu,
             wait_for_nodes_timeout_s=plan.wait_for_nodes_timeout_s,
             hang_timeout_s=None,  # scripts do not report progress; torchrun has no hang watchdog either
-            init_process_group=False, progress="log", ray_address=plan.address,
+            init_process_group=False, warmup_modules=(),  # the scripts run in subprocesses
+            progress="log", ray_address=plan.address,
         )
     except ConfigError as exc:
         print(f"ray-elastic run: error: {exc}", file=sys.stderr)

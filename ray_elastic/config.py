@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class RunConfig:
     event_log_path: str | None = None
     # False for train_fns that form their own group (the torchrun-compatible CLI).
     init_process_group: bool = True
+    warmup_modules: tuple[str, ...] = ("torch._dynamo",)
 
     @property
     def worker_backend(self) -> str:
@@ -80,6 +82,13 @@ def _require_seconds(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}.")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}.")
+
+
+def _find_spec(module: str) -> Any:
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
 
 
 def validate(config: RunConfig) -> RunConfig:
@@ -130,6 +139,17 @@ def validate(config: RunConfig) -> RunConfig:
     _require_seconds("hang_timeout_s", config.hang_timeout_s, allow_none=True)
     if config.collective_timeout_s == 0:
         raise ConfigError("collective_timeout_s must be > 0.")
+    if isinstance(config.warmup_modules, str) or not all(
+        isinstance(m, str) and m for m in config.warmup_modules
+    ):
+        raise ConfigError(
+            f"warmup_modules must be a list of module names like ['torch._dynamo'], got {config.warmup_modules!r}."
+        )
+    missing = [m for m in config.warmup_modules if _find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"warmup_modules names module(s) that cannot be imported here: {missing}; fix the names or install them."
+        )
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
     return config

@@ -7,6 +7,7 @@ methods (`probe`, `request_stop`, `abort`) answer while `run_round` trains.
 from __future__ import annotations
 
 import datetime
+import importlib
 import inspect
 import os
 import threading
@@ -64,6 +65,9 @@ class ElasticWorker:
     ):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch  # noqa: F401 - warm up the import before joining a round
+
+        for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
+            importlib.import_module(module)
 
         self.config = config
         self.train_fn = train_fn

@@ -37,6 +37,8 @@ def _noop(config):
         ({"resources_per_worker": ["CPU"]}, "resources_per_worker must be a dict"),
         ({"resume": True}, "resume=True needs storage_path"),
         ({"progress": "fancy"}, "progress must be"),
+        ({"warmup_modules": "torch._dynamo"}, "warmup_modules must be a list of module names"),
+        ({"warmup_modules": ["torch._no_such_module"]}, "cannot be imported here: ['torch._no_such_module']"),
     ],
 )
 def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message):
