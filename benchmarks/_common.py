@@ -259,21 +259,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def connect(cluster: Any, num_nodes: int, timeout_s: float = 60.0, setup_hook: Any = None) -> None:
-    """Connect this driver to a `local_cluster(connect=False)`, quietly, and wait for its worker nodes.
-
-    `setup_hook` becomes the job's `worker_process_setup_hook` (run in every worker process at start).
-    """
+def connect(cluster: Any, num_nodes: int, timeout_s: float = 60.0) -> None:
+    """Connect this driver to a `local_cluster(connect=False)`, quietly, and wait for its worker nodes."""
     import ray
 
     from ray_elastic.testing.cluster import WORKER_NODE_RESOURCE
 
-    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}  # Ray adds the hook's key to env_vars
-    if setup_hook is not None:
-        from ray import cloudpickle
-
-        cloudpickle.register_pickle_by_value(sys.modules[setup_hook.__module__])  # workers cannot import it
-        runtime_env["worker_process_setup_hook"] = setup_hook
+    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
     ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
 
     def alive_nodes() -> bool:

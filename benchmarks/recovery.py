@@ -77,7 +77,10 @@ class KillResult:
 
 # -- launchers ------------------------------------------------------------------------------------
 class ElasticLauncher:
-    """ray_elastic.run on a simulated cluster of `world` nodes × 1 worker, min_nodes=2."""
+    """ray_elastic.run on a simulated cluster of `world` nodes × 1 worker, min_nodes=world-1.
+
+    Survivors re-form without the dead rank at once; its replacement joins at a later commit.
+    """
 
     name = "ray_elastic"
 
@@ -97,7 +100,8 @@ class ElasticLauncher:
         connect(self.cluster, self.world)
         config = {"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps}
         self.runner = InThread(lambda: ray_elastic.run(
-            elastic_train, config=config, min_nodes=2, max_nodes=self.world, max_restarts=self.restarts,
+            elastic_train, config=config, min_nodes=max(1, self.world - 1), max_nodes=self.world,
+            max_restarts=self.restarts,
             progress="none", event_log_path=str(log_dir / "events.jsonl"),
         ))
 

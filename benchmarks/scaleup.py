@@ -20,10 +20,9 @@ Launchers:
 - Ray Train v2: `ScalingConfig(num_workers=(2, 4), elastic_resize_monitor_interval_s=S)`,
   checkpoint every step through `ray.train.report`, `cluster.add_node()` twice;
   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=--ray-train-poll-s (see _common.tune_ray_train).
-- ray_elastic_preimport: ray_elastic with `import torch._dynamo` done when each
-  worker process starts (a Ray `worker_process_setup_hook`), which is what a
-  one-line warm-up in the worker would do: DDP's constructor otherwise imports it
-  (1.5-2 s here) inside the newcomer's first round while survivors wait.
+- ray_elastic_no_warmup: ray_elastic with `warmup_modules=()`, the behaviour before
+  workers imported `torch._dynamo` ahead of joining: DDP's constructor then imports
+  it (1.5-2 s here) inside the newcomer's first round while survivors wait.
 
     .venv/bin/python benchmarks/scaleup.py
     .venv/bin/python benchmarks/scaleup.py --quick
@@ -84,26 +83,27 @@ class ScaleResult:
 class ElasticLauncher:
     name = "ray_elastic"
 
-    def __init__(self, max_nodes: int, sleep_s: float, steps: int, preimport: bool = False):
-        self.max_nodes, self.sleep_s, self.steps, self.preimport = max_nodes, sleep_s, steps, preimport
-        if preimport:
-            self.name = "ray_elastic + torch._dynamo pre-imported (proposed fix)"
+    def __init__(self, max_nodes: int, sleep_s: float, steps: int, warmup: bool = True):
+        self.max_nodes, self.sleep_s, self.steps, self.warmup = max_nodes, sleep_s, steps, warmup
+        if not warmup:
+            self.name = "ray_elastic, warmup_modules=()"
         self._stack = contextlib.ExitStack()
         self.cluster: Any = None
         self.runner: InThread | None = None
 
     def start(self, log_dir: Path) -> None:
-        from workloads.loops import elastic_train, preimport_dynamo
+        from workloads.loops import elastic_train
 
         import ray_elastic
         from ray_elastic.testing import local_cluster
 
         self.cluster = self._stack.enter_context(local_cluster(num_nodes=START_NODES, connect=False))
-        connect(self.cluster, START_NODES, setup_hook=preimport_dynamo if self.preimport else None)
+        connect(self.cluster, START_NODES)
         config = {"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps}
         self.runner = InThread(lambda: ray_elastic.run(
             elastic_train, config=config, min_nodes=START_NODES, max_nodes=self.max_nodes, max_restarts=0,
             progress="none", event_log_path=str(log_dir / "events.jsonl"),
+            warmup_modules=("torch._dynamo",) if self.warmup else (),
         ))
 
     def add(self, count: int) -> None:
@@ -266,13 +266,13 @@ def run_one(launcher: Any, args: argparse.Namespace, log_dir: Path) -> ScaleResu
 
 def make_launcher(key: str, args: argparse.Namespace, run_dir: Path) -> Any:
     final = START_NODES + args.adds
-    if key in ("ray_elastic", "ray_elastic_preimport"):
-        return ElasticLauncher(final, args.sleep_s, args.steps, preimport=key.endswith("preimport"))
+    if key in ("ray_elastic", "ray_elastic_no_warmup"):
+        return ElasticLauncher(final, args.sleep_s, args.steps, warmup=not key.endswith("no_warmup"))
     if key == "torchrun":
         return TorchrunLauncher(final, args.sleep_s, args.steps, run_dir / "ckpt.pt")
     if key == "ray_train":
         return RayTrainLauncher(final, args.sleep_s, args.steps, run_dir / "storage", args.ray_train_monitor_s)
-    raise SystemExit(f"unknown system {key!r}; choose from ray_elastic, ray_elastic_preimport, torchrun, ray_train")
+    raise SystemExit(f"unknown system {key!r}; choose from ray_elastic, ray_elastic_no_warmup, torchrun, ray_train")
 
 
 def report(results: list[ScaleResult], args: argparse.Namespace) -> str:
@@ -319,8 +319,8 @@ def main() -> None:
                         help="Ray Train elastic_resize_monitor_interval_s (Ray's default: 60)")
     parser.add_argument("--ray-train-poll-s", type=float, default=0.2,
                         help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for Ray Train (Ray's default: 2.0)")
-    parser.add_argument("--systems", default="ray_elastic,ray_elastic_preimport,torchrun,ray_train",
-                        help="ray_elastic_preimport: ray_elastic with DDP's torch._dynamo import paid at worker start")
+    parser.add_argument("--systems", default="ray_elastic,ray_elastic_no_warmup,torchrun,ray_train",
+                        help="ray_elastic_no_warmup: warmup_modules=(), DDP imports torch._dynamo inside the round")
     parser.add_argument("--keep", action="store_true", help="keep the step logs (path printed at the end)")
     parser.add_argument("--quick", action="store_true", help="one scale-up per system, 90 s limit")
     args = parser.parse_args()

@@ -71,15 +71,6 @@ class StepLog:
             return default
 
 
-def preimport_dynamo() -> None:
-    """Pay DDP's lazy `import torch._dynamo` (1.5-2 s on 2 cores) when a worker process starts.
-
-    `DistributedDataParallel.__init__` touches `torch._dynamo`, which a fresh process imports
-    on first use; a newcomer would otherwise do it inside the round while survivors wait.
-    """
-    import torch._dynamo  # noqa: F401
-
-
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
     loss = model(x).pow(2).mean()
     opt.zero_grad(set_to_none=False)
