@@ -54,7 +54,7 @@ def _session_processes(session: int, wait_s: float) -> list[psutil.Process]:
 
 
 @pytest.mark.timeout(420)
-def test_elastic_sampler_shrinks_grows_and_rescales_lr():
+def test_elastic_sampler_shrinks_grows_and_rescales_lr(no_shared_cluster):
     out = run_example("elastic_sampler.py", timeout_s=360)
     assert "after the node loss: world size 2; after the node joined: world size 3" in out, out[-3000:]
     assert "restarts spent: 1; lr by world size: [(2, 0.04), (3, 0.06)]" in out, out[-3000:]

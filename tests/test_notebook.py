@@ -53,7 +53,7 @@ def _left_behind(marker: str, wait_s: float) -> list[str]:
     return named
 
 
-def test_quickstart_notebook_shrinks_and_grows_back(tmp_path):
+def test_quickstart_notebook_shrinks_and_grows_back(tmp_path, no_shared_cluster):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=400, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}

@@ -27,6 +27,14 @@ def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[flo
     return out
 
 
+def payload_digest(payload: dict) -> list[float]:
+    """`state_digest`, computed from a stored snapshot payload instead of live objects."""
+    out = [float(t.double().sum()) for t in payload["items"]["model"].values()]
+    for _, per_param in sorted(payload["items"]["optimizer"]["state"].items()):
+        out += [float(v.double().sum()) for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
+    return out
+
+
 _restores: list[tuple[int, str, list[float]]] = []  # per process, across re-entries: (round, source, digest)
 
 

@@ -121,6 +121,21 @@ class LocalCluster:
         if node in self.nodes:
             self.nodes.remove(node)
 
+    def resize(self, num_nodes: int, timeout_s: float = 60.0) -> None:
+        """Add worker nodes, or remove the newest gracefully, until exactly `num_nodes` are alive in Ray."""
+        while len(self.nodes) < num_nodes:
+            self.add_node()
+        while len(self.nodes) > num_nodes:
+            self.kill_node(self.nodes[-1], graceful=True)
+        deadline = time.monotonic() + timeout_s
+        alive = -1
+        while time.monotonic() < deadline:
+            alive = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE))
+            if alive == num_nodes:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{alive} worker nodes alive after {timeout_s}s, wanted {num_nodes}")
+
     @staticmethod
     def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)

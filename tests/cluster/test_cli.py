@@ -110,8 +110,8 @@ def _check_resumed(snap: Path, steps: int, world_size: int) -> list[int]:
 
 # In-process `main([...])` is covered by the other tests here; this one goes through `python -m`.
 @pytest.mark.parametrize("mode", ["subprocess"])
-def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, make_cluster, no_leaks, tmp_path):
-    cluster = make_cluster(num_nodes=2, cpus_per_node=2)
+def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, cluster, no_leaks, tmp_path):
+    cluster.resize(2)
     snap, logs, steps = tmp_path / "snap", tmp_path / "logs", 30
     argv = ["run", "--nnodes=2", "--nproc_per_node=2", "--max-restarts=2", "--rdzv-id", f"cli-{mode}",
             "--log-dir", str(logs), str(EXAMPLE), "--snapshot-dir", str(snap), "--steps", str(steps), "--sleep", "0.2"]
@@ -171,8 +171,8 @@ def _torchrun_env(tmp_path: Path, script: Path, run_id: str) -> dict[int, dict]:
     return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)}
 
 
-def test_script_env_matches_torchrun(make_cluster, no_leaks, tmp_path):
-    make_cluster(num_nodes=2, cpus_per_node=2)
+def test_script_env_matches_torchrun(cluster, no_leaks, tmp_path):
+    cluster.resize(2)
     script = tmp_path / "dump_env.py"
     script.write_text(ENV_SCRIPT)
     out = tmp_path / "ours"
@@ -198,8 +198,8 @@ def test_script_env_matches_torchrun(make_cluster, no_leaks, tmp_path):
     assert len({e["TORCHELASTIC_ERROR_FILE"] for e in ours.values()}) == 4
 
 
-def test_failing_script_reports_root_cause_and_its_exit_code(make_cluster, no_leaks, tmp_path, capsys):
-    make_cluster(num_nodes=1, cpus_per_node=2)
+def test_failing_script_reports_root_cause_and_its_exit_code(cluster, no_leaks, tmp_path, capsys):
+    cluster.resize(1)
     script = tmp_path / "fail.py"
     script.write_text(FAILING_SCRIPT)
 
@@ -225,8 +225,8 @@ def test_failing_script_reports_root_cause_and_its_exit_code(make_cluster, no_le
     no_leaks([int(p.read_text()) for d in (pids, exited) for p in d.iterdir()])
 
 
-def test_killing_a_worker_actor_kills_its_script(make_cluster, no_leaks, tmp_path):
-    make_cluster(num_nodes=2, cpus_per_node=1)
+def test_killing_a_worker_actor_kills_its_script(cluster, no_leaks, tmp_path):
+    cluster.resize(2)
     snap = tmp_path / "snap"
     argv = ["run", "--nnodes=2", "--max-restarts=2", str(EXAMPLE), "--snapshot-dir", str(snap),
             "--steps", "25", "--sleep", "0.2"]
@@ -259,11 +259,11 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         assert "Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_scripts_restart_with_the_new_world_when_a_node_joins(make_cluster, no_leaks, tmp_path):
-    cluster = make_cluster(num_nodes=1, cpus_per_node=2)
+def test_scripts_restart_with_the_new_world_when_a_node_joins(cluster, no_leaks, tmp_path):
+    cluster.resize(1)
     snap = tmp_path / "snap"
     argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(EXAMPLE),
-            "--snapshot-dir", str(snap), "--steps", "100", "--sleep", "0.3"]  # long enough for a node to start
+            "--snapshot-dir", str(snap), "--steps", "70", "--sleep", "0.3"]  # long enough for a node to start
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(rc=main(argv)))
     thread.start()
@@ -276,5 +276,5 @@ def test_scripts_restart_with_the_new_world_when_a_node_joins(make_cluster, no_l
     assert sorted(s["world_size"] for s in starts) == [2, 2, 4, 4, 4, 4], starts
     grown = [s for s in starts if s["world_size"] == 4]
     assert all(s["resumed_step"] >= 3 and s["restart_count"] == 0 for s in grown), grown
-    assert [r["step"] for r in _read_jsonl(snap / "steps.jsonl")][-1] == 100
+    assert [r["step"] for r in _read_jsonl(snap / "steps.jsonl")][-1] == 70
     no_leaks([s["pid"] for s in starts])

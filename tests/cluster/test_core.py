@@ -27,8 +27,8 @@ except KeyboardInterrupt:
 """
 
 
-def test_ctrl_c_in_the_driver_tears_everything_down(make_cluster, no_leaks):
-    cluster = make_cluster(num_nodes=2)
+def test_ctrl_c_in_the_driver_tears_everything_down(cluster, no_leaks):
+    cluster.resize(2)
     env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONPATH=os.getcwd())
     driver = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_DRIVER], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

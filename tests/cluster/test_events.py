@@ -38,10 +38,10 @@ def scrape_run_metrics(run_id: str) -> dict[str, float]:
     return found
 
 
-def test_event_log_file_and_exported_metrics(make_cluster, no_leaks, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray processes started below read it
+def test_event_log_file_and_exported_metrics(cluster, no_leaks, tmp_path, monkeypatch):
+    # tests/conftest.py starts every cluster with RAY_metrics_report_interval_ms=1000
     monkeypatch.chdir(tmp_path)  # a relative event_log_path is the driver's, not the coordinator's
-    make_cluster(num_nodes=2)
+    cluster.resize(2)
     run_id = f"events-{time.time_ns()}"
     box: dict = {}
 

@@ -115,7 +115,7 @@ class CliCluster:
 
 
 @pytest.fixture
-def cli_cluster() -> Iterator[CliCluster]:
+def cli_cluster(no_shared_cluster: None) -> Iterator[CliCluster]:
     root = Path(tempfile.mkdtemp(prefix="rejs", dir="/tmp"))  # short: Ray's socket paths must fit
     cluster = CliCluster(root)
     try:

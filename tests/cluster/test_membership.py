@@ -41,16 +41,15 @@ def test_fake_gpu_placement_one_gpu_per_worker(make_cluster, no_leaks):
     no_leaks(result.worker_pids)
 
 
-def test_use_gpu_without_gpus_is_rejected_up_front(make_cluster):
-    make_cluster(num_nodes=1)
+def test_use_gpu_without_gpus_is_rejected_up_front(cluster):
     with pytest.raises(ray_elastic.ConfigError, match="no GPUs"):
         ray_elastic.run(_gpu_probe, use_gpu=True, progress="none")
 
 
-def test_resources_no_node_can_hold_fail_fast(make_cluster):
-    make_cluster(num_nodes=2, cpus_per_node=1)
+def test_resources_no_node_can_hold_fail_fast(cluster):
+    assert cluster.cpus_per_node == 2
     started = time.monotonic()
     with pytest.raises(ray_elastic.ConfigError, match="no node can hold nproc_per_node=2") as info:
-        ray_elastic.run(_gpu_probe, nproc_per_node=2, resources_per_worker={"CPU": 1}, progress="none")
+        ray_elastic.run(_gpu_probe, nproc_per_node=2, resources_per_worker={"CPU": 2}, progress="none")
     assert "Lower nproc_per_node or resources_per_worker" in str(info.value)
     assert time.monotonic() - started < 10, "failed fast, no pending placement group"

@@ -1,4 +1,4 @@
-"""The fault matrix's fixtures: one cluster for the package, leak checks scoped to it, the figures table.
+"""The fault matrix's fixtures: step traces and the figures table (the cluster is `tests/conftest.py`'s).
 
 Every row test records its figures with `figures(row, fault, ...)`; at the end
 of the session they are written to `test-output/fault-matrix.md` and `.json`.
@@ -13,14 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
-from ray_elastic.api import _remove_placement_groups
-from ray_elastic.testing import LocalCluster, local_cluster
-from ray_elastic.testing.leaks import assert_no_leaks, live_run_actors
 from tests.faults.matrix import Trace
 
-CLUSTER = {"num_nodes": 4, "cpus_per_node": 2}
 OUTPUT_DIR = Path(__file__).resolve().parents[2] / "test-output"
 _OUTCOME = pytest.StashKey[str]()
 # Rows covered outside this directory, listed in the table for completeness.
@@ -111,44 +106,6 @@ def figures(fault_matrix: FaultMatrix, request: pytest.FixtureRequest) -> Iterat
     for entry in fault_matrix.entries.values():
         if entry["test"] == test:
             entry["status"] = request.node.stash.get(_OUTCOME, "error")
-
-
-@pytest.fixture(scope="package")
-def cluster() -> Iterator[LocalCluster]:
-    """One simulated cluster for every row; each row sets its node count first with `ensure_nodes`.
-
-    Started once (a start costs more than most rows); shut down when the package's last test is done.
-    """
-    if ray.is_initialized():
-        ray.shutdown()
-    with local_cluster(**CLUSTER) as started:
-        yield started
-
-
-@pytest.fixture(autouse=True)
-def _no_run_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """If a row failed half-way, end its runs so the module's next row starts clean."""
-    yield
-    if "cluster" not in request.fixturenames or not ray.is_initialized():
-        return
-    for actor in live_run_actors():
-        name = str(actor.get("Name") or "")
-        if actor.get("ActorClassName") == "Coordinator" and name:
-            try:
-                ray.kill(ray.get_actor(name), no_restart=True)
-            except ValueError:
-                continue
-            _remove_placement_groups(name.removeprefix("ray_elastic-coordinator-"))
-
-
-@pytest.fixture
-def no_leaks(cluster: LocalCluster) -> Any:
-    """Check (d): no actors, placement groups, worker processes of this cluster, or store ports remain."""
-
-    def check(worker_pids: Any = (), ports: Any = (), timeout_s: float = 10.0) -> None:
-        assert_no_leaks(worker_pids, timeout_s, raylet_pids=cluster.raylet_pids(), ports=ports)
-
-    return check
 
 
 @pytest.fixture

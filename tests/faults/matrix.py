@@ -206,20 +206,5 @@ def bound_ports(count: int) -> Any:
 
 
 def ensure_nodes(cluster: Any, count: int, timeout_s: float = 60.0) -> None:
-    """Add worker nodes, or remove them gracefully, until exactly `count` are alive."""
-    import ray
-
-    from ray_elastic.testing.cluster import WORKER_NODE_RESOURCE
-
-    while len(cluster.nodes) < count:
-        cluster.add_node()
-    while len(cluster.nodes) > count:
-        cluster.kill_node(cluster.nodes[-1], graceful=True)
-    deadline = time.monotonic() + timeout_s
-    alive = -1
-    while time.monotonic() < deadline:
-        alive = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE))
-        if alive == count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{alive} worker nodes alive after {timeout_s}s, wanted {count}")
+    """Exactly `count` worker nodes alive (see `LocalCluster.resize`)."""
+    cluster.resize(count, timeout_s)

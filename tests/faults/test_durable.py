@@ -1,7 +1,7 @@
 """Fault matrix rows 9 and 10: a crash mid checkpoint write, and losing the coordinator.
 
-Storage details (file layout, pruning, checksums, name reuse) are tested in
-tests/cluster/test_checkpoint.py; here only the matrix's checks and figures.
+Name reuse and losing every worker are in tests/cluster/test_checkpoint.py,
+checksums and crash points in tests/unit/test_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ray_elastic.checkpoint import CRASH_ENV, Checkpointer
 from ray_elastic.testing.leaks import find_leaks
 from tests.cluster.background import BackgroundRun
 from tests.faults.matrix import DeathWatch, check_run, detection_s, ensure_nodes
-from tests.workloads import ddp_train
+from tests.workloads import ddp_train, payload_digest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -33,8 +33,9 @@ def test_row9_crash_mid_checkpoint_write_restores_the_previous_complete_one(clus
     steps = 12
     config = {"steps": steps, "sleep_s": 0.2, "trace_dir": str(trace.dir),
               "first_attempt_env": {CRASH_ENV: "before_rename:5"}}
+    name = f"crash-write-{time.time_ns()}"
     run = BackgroundRun(tmp_path, ddp_train, config=config, min_nodes=1, max_restarts=1,
-                        storage_path=str(tmp_path / "storage"), name=f"crash-write-{time.time_ns()}")
+                        storage_path=str(tmp_path / "storage"), name=name)
     watch = DeathWatch(trace.wait_for_step(1, alive=run.alive).pid)
     result = run.join()
     crashed_at = watch.wait(5)
@@ -46,6 +47,12 @@ def test_row9_crash_mid_checkpoint_write_restores_the_previous_complete_one(clus
     assert max(c.step for c in trace.commits() if c.wall < crashed_at) == 5, "crashed while committing step 6"
     assert result.return_values[0]["restored_from"] == "storage"
     assert resumed.step == 6, "restored the previous complete checkpoint (step 5), not the partial one"
+    restart = [e for e in result.events if e.kind == "restart"]
+    assert len(restart) == 1 and "rank 0" in restart[0].message and "died" in restart[0].message
+    run_dir = tmp_path / "storage" / name
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"checkpoint_{i:09d}" for i in (10, 11)], (
+        "pruned to keep_checkpoints=2; no temporary or partial checkpoint is left"
+    )
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
@@ -57,6 +64,8 @@ def test_row10_coordinator_lost_tears_down_then_resume_continues(cluster, no_lea
     config = {"steps": steps, "sleep_s": 0.1, "trace_dir": str(trace.dir)}
     run = BackgroundRun(tmp_path, ddp_train, config=config, **common)
     trace.wait_for_step(10, alive=run.alive)
+    with pytest.raises(ray_elastic.ConfigError, match=f"a run named {name!r} is already running"):
+        ray_elastic.run(ddp_train, config=config, resume=True, **common)
     coordinator = ray.get_actor(coordinator_name(name))
     worker_pids = ray.get(coordinator.worker_pids.remote())
     killed_at = time.time()
@@ -82,5 +91,8 @@ def test_row10_coordinator_lost_tears_down_then_resume_continues(cluster, no_lea
             torn_down_s=torn_down_s, resumed_from_step=resumed.step - 1)
     check_run(result, steps, restarts=0)
     assert resumed.step == stored_step + 1, "continued from the newest stored checkpoint, not from scratch"
+    for v in result.return_values:  # model and optimizer (momentum) state are exactly the checkpoint's
+        assert v["restored_from"] == "storage"
+        assert v["restores"][0][1:] == ("storage", payload_digest(stored))
     assert trace.redone() == max(0, last_before - stored_step), "only steps after the checkpoint were redone"
     no_leaks(result.worker_pids, ports=trace.ports())
