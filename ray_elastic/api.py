@@ -38,7 +38,8 @@ class RunResult:
         restarts: restarts spent (failures; scale-ups are free).
         rounds: history of rounds: (round_id, world_size, num_nodes, started_at, cause).
         events: every transition as a structured event.
-        metrics_history: rank 0's reports with time, round id and world size.
+        metrics_history: rank 0's reports with time, round id and world size; past 10,000
+            entries every other one is dropped (repeatedly), so a long run keeps a coarser history.
         worker_pids: every worker process the run started (all gone once `run` returns).
     """
 

@@ -106,6 +106,16 @@ class RunSummary:
     error: Exception | None = None
 
 
+HISTORY_LIMIT = 10_000
+
+
+def thin_history(history: list[Any], limit: int) -> list[Any]:
+    """Over `limit` entries, keep every other one: memory stays bounded, the whole run stays covered."""
+    while len(history) > limit:
+        history = history[::2]
+    return history
+
+
 class Controller:
     """Drives a run through its states. Plain class: the coordinator actor wraps it."""
 
@@ -133,6 +143,7 @@ class Controller:
         self.rounds: list[RoundRecord] = []
         self.metrics: dict[str, Any] | None = None
         self.metrics_history: list[dict[str, Any]] = []
+        self.history_limit = HISTORY_LIMIT
         self._metrics_time = float("-inf")
         self._last_probe = float("-inf")
         self.last_step: dict[str, int | None] = {}
@@ -293,6 +304,7 @@ class Controller:
             self.metrics_history.append(
                 {"time": stamp, "round_id": plan.round_id, "world_size": plan.world_size, **metrics}
             )
+        self.metrics_history = thin_history(self.metrics_history, self.history_limit)
         stamp, latest = reports[-1]
         if stamp >= self._metrics_time:  # probe answers may arrive after the final outcome
             self._metrics_time = stamp

@@ -479,3 +479,19 @@ def test_fake_clock_moves_only_when_the_group_waits():
     clock = FakeClock(start=5.0)
     group = FakeWorkerGroup(clock=clock)
     assert group.wait(0.25) == [] and clock() == 5.25
+
+
+def test_metrics_history_stays_bounded_and_covers_the_whole_run():
+    controller, group = make(nodes=1)
+    controller.history_limit = 8
+    run_round(controller, group, 0)
+    worker = group.member(0)
+    for step in range(1, 41):
+        group.progress(worker, step=step, metrics={"step": step})
+        group.clock.advance(1.0)  # past a heartbeat: the probe collects the report
+        controller.step()
+    steps = [m["step"] for m in controller.metrics_history]
+    assert 4 <= len(steps) <= 8, steps
+    assert steps == sorted(steps) and steps[0] == 1, "thinned evenly, the start kept"
+    assert steps[-1] >= 33, "recent reports kept"
+    assert controller.metrics == {"step": 40}, "the latest report is exact"
