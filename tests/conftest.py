@@ -93,6 +93,13 @@ def no_shared_cluster(clusters: Clusters) -> None:
 
 
 @pytest.fixture
+def ray_disconnected() -> None:
+    """For tests that check Ray was not contacted: this process starts without a connection."""
+    if ray.is_initialized():
+        ray.shutdown()  # the shared cluster keeps running; `shared()` reconnects
+
+
+@pytest.fixture
 def no_leaks(clusters: Clusters) -> Any:
     """Call after a run: no actors, placement groups, worker processes of the session's clusters, or ports remain."""
 
@@ -116,3 +123,16 @@ def _no_run_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
             except ValueError:
                 continue
             _remove_placement_groups(name.removeprefix("ray_elastic-coordinator-"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests first (fast answers), then tests with clusters of their own, then those on the
+    shared cluster: it starts once."""
+    own = ("make_cluster", "no_shared_cluster")
+
+    def phase(item: pytest.Item) -> int:
+        if item.nodeid.startswith("tests/unit/"):
+            return 0
+        return 1 if any(name in getattr(item, "fixturenames", ()) for name in own) else 2
+
+    items.sort(key=phase)

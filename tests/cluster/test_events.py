@@ -91,7 +91,7 @@ def test_event_log_file_and_exported_metrics(cluster, no_leaks, tmp_path, monkey
     no_leaks(result.worker_pids)
 
 
-def test_unwritable_event_log_path_is_rejected_before_anything_starts(tmp_path):
+def test_unwritable_event_log_path_is_rejected_before_anything_starts(tmp_path, ray_disconnected):
     missing = tmp_path / "no" / "such" / "dir" / "events.jsonl"
     with pytest.raises(ray_elastic.ConfigError, match="event_log_path .* cannot be written"):
         ray_elastic.run(ddp_train, config={"steps": 1}, event_log_path=str(missing))

@@ -41,7 +41,7 @@ def _noop(config):
         ({"warmup_modules": ["torch._no_such_module"]}, "cannot be imported here: ['torch._no_such_module']"),
     ],
 )
-def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message):
+def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message, ray_disconnected):
     import ray
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

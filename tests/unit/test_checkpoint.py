@@ -218,8 +218,7 @@ def _noop(config):
     return None
 
 
-@pytest.mark.skipif(ray.is_initialized(), reason="needs a process not yet connected to Ray")
-def test_run_rejects_storage_problems_before_connecting(tmp_path):
+def test_run_rejects_storage_problems_before_connecting(tmp_path, ray_disconnected):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):

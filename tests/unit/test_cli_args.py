@@ -88,7 +88,7 @@ def test_bad_arguments_say_what_to_change(argv, message, script):
         plan(*argv, str(script))
 
 
-def test_main_rejects_bad_input_with_exit_2_before_ray_starts(tmp_path, script, capsys):
+def test_main_rejects_bad_input_with_exit_2_before_ray_starts(tmp_path, script, capsys, ray_disconnected):
     assert not ray.is_initialized()
     assert main(["run", "--nnodes=3:2", str(script)]) == 2
     assert "write --nnodes=2:3" in capsys.readouterr().err
