@@ -27,12 +27,8 @@ started afresh (from its checkpoint) for the remaining kills.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,24 +36,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    WORKER_ENV,
-    InThread,
-    ProcessGroups,
     Record,
     StepLogs,
-    connect,
-    dump_stacks,
     exit_on_sigterm,
     fmt_s,
     log,
     machine_line,
     median,
     table,
-    torchrun_cmd,
     tune_ray_train,
     wait_until,
     workdir,
 )
+from launchers import ElasticLauncher, RayTrainLauncher, TorchrunStandalone  # noqa: E402
 
 STEADY_STEPS = 5
 
@@ -73,136 +64,6 @@ class KillResult:
     rejoin_pause_s: float | None = None  # longest step gap between recovery and all N ranks stepping
     step_ms: float | None = None  # median step interval before the kill
     note: str = ""
-
-
-# -- launchers ------------------------------------------------------------------------------------
-class ElasticLauncher:
-    """ray_elastic.run on a simulated cluster of `world` nodes × 1 worker, min_nodes=world-1.
-
-    Survivors re-form without the dead rank at once; its replacement joins at a later commit.
-    """
-
-    name = "ray_elastic"
-
-    def __init__(self, world: int, restarts: int, sleep_s: float, steps: int):
-        self.world, self.restarts, self.sleep_s, self.steps = world, restarts, sleep_s, steps
-        self.cluster: Any = None
-        self._stack = contextlib.ExitStack()
-        self.runner: InThread | None = None
-
-    def start(self, log_dir: Path) -> None:
-        from workloads.loops import elastic_train
-
-        import ray_elastic
-        from ray_elastic.testing import local_cluster
-
-        self.cluster = self._stack.enter_context(local_cluster(num_nodes=self.world, connect=False))
-        connect(self.cluster, self.world)
-        config = {"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps}
-        self.runner = InThread(lambda: ray_elastic.run(
-            elastic_train, config=config, min_nodes=max(1, self.world - 1), max_nodes=self.world,
-            max_restarts=self.restarts,
-            progress="none", event_log_path=str(log_dir / "events.jsonl"),
-        ))
-
-    def alive(self) -> bool:
-        return self.runner is not None and self.runner.alive()
-
-    def kill(self, member: Record) -> None:
-        os.kill(member.pid, signal.SIGKILL)
-
-    def kill_node_of(self, member: Record) -> None:
-        node = next(n for n in self.cluster.nodes if self.cluster.node_id(n) == member.extra)
-        self.cluster.kill_node(node, graceful=False)
-
-    def finish(self, timeout_s: float) -> str:
-        assert self.runner is not None
-        result = self.runner.join(timeout_s)
-        return f"run() returned, {result.restarts} restart(s), {len(result.rounds)} round(s)"
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-class TorchrunLauncher:
-    """torchrun --standalone --nproc-per-node=N --max-restarts=K; the script reloads its checkpoint file."""
-
-    name = "torchrun --standalone"
-
-    def __init__(self, world: int, restarts: int, sleep_s: float, steps: int, checkpoint: Path):
-        self.world, self.restarts, self.sleep_s, self.steps = world, restarts, sleep_s, steps
-        self.checkpoint = checkpoint
-        self.groups = ProcessGroups()
-        self.proc: Any = None
-
-    def start(self, log_dir: Path) -> None:
-        cmd = torchrun_cmd(
-            "--standalone", f"--nproc-per-node={self.world}", f"--max-restarts={self.restarts}",
-            script_args=["--log-dir", str(log_dir), "--checkpoint", str(self.checkpoint),
-                         "--sleep-s", str(self.sleep_s), "--steps", str(self.steps)],
-        )
-        self.proc = self.groups.start(cmd, log_dir / "torchrun.out", env=WORKER_ENV)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, member: Record) -> None:
-        os.kill(member.pid, signal.SIGKILL)
-
-    def finish(self, timeout_s: float) -> str:
-        return f"torchrun exited with {self.proc.wait(timeout_s)}"
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            dump_stacks(self.proc.pid, "torchrun_train.py")  # where a stuck restart hangs, into torchrun.out
-        self.groups.close()
-
-
-class RayTrainLauncher:
-    """Ray Train TorchTrainer, ScalingConfig(num_workers=N), FailureConfig(max_failures=K), local storage."""
-
-    name = "Ray Train TorchTrainer"
-
-    def __init__(self, world: int, restarts: int, sleep_s: float, steps: int, storage: Path):
-        self.world, self.restarts, self.sleep_s, self.steps = world, restarts, sleep_s, steps
-        self.storage = storage
-        self._stack = contextlib.ExitStack()
-        self.runner: InThread | None = None
-
-    def start(self, log_dir: Path) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from workloads.loops import ray_train_loop
-
-        from ray_elastic.testing import local_cluster
-
-        cluster = self._stack.enter_context(local_cluster(num_nodes=self.world, connect=False))
-        connect(cluster, self.world)
-        trainer = TorchTrainer(
-            ray_train_loop,
-            train_loop_config={"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps},
-            scaling_config=ScalingConfig(num_workers=self.world, use_gpu=False),
-            run_config=RunConfig(
-                name=f"bench-{uuid.uuid4().hex[:6]}", storage_path=str(self.storage),
-                failure_config=FailureConfig(max_failures=self.restarts),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
-        self.runner = InThread(trainer.fit)
-
-    def alive(self) -> bool:
-        return self.runner is not None and self.runner.alive()
-
-    def kill(self, member: Record) -> None:
-        os.kill(member.pid, signal.SIGKILL)
-
-    def finish(self, timeout_s: float) -> str:
-        assert self.runner is not None
-        result = self.runner.join(timeout_s)
-        return f"fit() returned (error: {getattr(result, 'error', None)!r})"
-
-    def close(self) -> None:
-        self._stack.close()
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -378,11 +239,14 @@ def main() -> None:
     header = machine_line()
     with workdir("ray_elastic-recovery-", args.keep) as tmp:
         root = Path(tmp)
+        # ray_elastic: min_nodes=world-1, so survivors re-form without the dead rank at once and its
+        # replacement joins at a later commit.
         launchers: dict[str, Any] = {
-            "ray_elastic": lambda: ElasticLauncher(args.workers, restarts, args.sleep_s, args.steps),
-            "torchrun": lambda: TorchrunLauncher(args.workers, restarts, args.sleep_s, args.steps,
-                                                 root / "torchrun-ckpt.pt"),
-            "ray_train": lambda: RayTrainLauncher(args.workers, restarts, args.sleep_s, args.steps,
+            "ray_elastic": lambda: ElasticLauncher(args.workers, max(1, args.workers - 1), args.workers, restarts,
+                                                   args.sleep_s, args.steps),
+            "torchrun": lambda: TorchrunStandalone(args.workers, restarts, args.sleep_s, args.steps,
+                                                   root / "torchrun-ckpt.pt"),
+            "ray_train": lambda: RayTrainLauncher(args.workers, args.workers, restarts, args.sleep_s, args.steps,
                                                   root / "ray-train-storage"),
         }
         all_results: dict[str, list[KillResult]] = {}

@@ -31,11 +31,9 @@ Launchers:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,25 +41,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    LOOPBACK,
-    WORKER_ENV,
-    InThread,
-    ProcessGroups,
     StepLogs,
-    connect,
-    dump_stacks,
     exit_on_sigterm,
     fmt_s,
-    free_port,
     log,
     machine_line,
     median,
     table,
-    torchrun_cmd,
     tune_ray_train,
     wait_until,
     workdir,
 )
+from launchers import ElasticLauncher, RayTrainLauncher, TorchrunElastic  # noqa: E402
 
 START_NODES = 2
 
@@ -78,138 +69,6 @@ class ScaleResult:
     redone: int | None = None
     worlds: str = ""
     note: str = ""
-
-
-class ElasticLauncher:
-    name = "ray_elastic"
-
-    def __init__(self, max_nodes: int, sleep_s: float, steps: int, warmup: bool = True):
-        self.max_nodes, self.sleep_s, self.steps, self.warmup = max_nodes, sleep_s, steps, warmup
-        if not warmup:
-            self.name = "ray_elastic, warmup_modules=()"
-        self._stack = contextlib.ExitStack()
-        self.cluster: Any = None
-        self.runner: InThread | None = None
-
-    def start(self, log_dir: Path) -> None:
-        from workloads.loops import elastic_train
-
-        import ray_elastic
-        from ray_elastic.testing import local_cluster
-
-        self.cluster = self._stack.enter_context(local_cluster(num_nodes=START_NODES, connect=False))
-        connect(self.cluster, START_NODES)
-        config = {"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps}
-        self.runner = InThread(lambda: ray_elastic.run(
-            elastic_train, config=config, min_nodes=START_NODES, max_nodes=self.max_nodes, max_restarts=0,
-            progress="none", event_log_path=str(log_dir / "events.jsonl"),
-            warmup_modules=("torch._dynamo",) if self.warmup else (),
-        ))
-
-    def add(self, count: int) -> None:
-        for _ in range(count):
-            self.cluster.add_node()
-
-    def alive(self) -> bool:
-        return self.runner is not None and self.runner.alive()
-
-    def finish(self, timeout_s: float) -> str:
-        assert self.runner is not None
-        result = self.runner.join(timeout_s)
-        return f"run() returned, {result.restarts} restart(s), worlds {[r.world_size for r in result.rounds]}"
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-class TorchrunLauncher:
-    name = "torchrun --nnodes=2:4 (c10d)"
-
-    def __init__(self, max_nodes: int, sleep_s: float, steps: int, checkpoint: Path):
-        self.max_nodes, self.sleep_s, self.steps, self.checkpoint = max_nodes, sleep_s, steps, checkpoint
-        self.groups = ProcessGroups()
-        self.agents: list[Any] = []
-        self.log_dir: Path | None = None
-        self.endpoint = ""
-
-    def start(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.endpoint = f"{LOOPBACK}:{free_port()}"
-        self.run_id = uuid.uuid4().hex[:8]
-        self.add(START_NODES)
-
-    def add(self, count: int) -> None:
-        assert self.log_dir is not None
-        for _ in range(count):
-            cmd = torchrun_cmd(
-                f"--nnodes={START_NODES}:{self.max_nodes}", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={self.run_id}", "--max-restarts=3",
-                f"--local-addr={LOOPBACK}",
-                script_args=["--log-dir", str(self.log_dir), "--checkpoint", str(self.checkpoint),
-                             "--sleep-s", str(self.sleep_s), "--steps", str(self.steps)],
-            )
-            self.agents.append(self.groups.start(cmd, self.log_dir / f"agent-{len(self.agents)}.out", WORKER_ENV))
-
-    def alive(self) -> bool:
-        return any(agent.poll() is None for agent in self.agents)
-
-    def finish(self, timeout_s: float) -> str:
-        return f"agents exited with {[agent.wait(timeout_s) for agent in self.agents]}"
-
-    def close(self) -> None:
-        for agent in self.agents:
-            if agent.poll() is None:
-                dump_stacks(agent.pid, "torchrun_train.py")  # where a stuck worker hangs, into agent-N.out
-        self.groups.close()
-
-
-class RayTrainLauncher:
-    name = "Ray Train v2 elastic"
-
-    def __init__(self, max_nodes: int, sleep_s: float, steps: int, storage: Path, monitor_s: float):
-        self.max_nodes, self.sleep_s, self.steps = max_nodes, sleep_s, steps
-        self.storage, self.monitor_s = storage, monitor_s
-        self._stack = contextlib.ExitStack()
-        self.cluster: Any = None
-        self.runner: InThread | None = None
-
-    def start(self, log_dir: Path) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from workloads.loops import ray_train_loop
-
-        from ray_elastic.testing import local_cluster
-
-        self.cluster = self._stack.enter_context(local_cluster(num_nodes=START_NODES, connect=False))
-        connect(self.cluster, START_NODES)
-        trainer = TorchTrainer(
-            ray_train_loop,
-            train_loop_config={"log_dir": str(log_dir), "sleep_s": self.sleep_s, "steps": self.steps},
-            scaling_config=ScalingConfig(  # type: ignore[call-arg] # v2's ScalingConfig; stubs show v1's
-                num_workers=(START_NODES, self.max_nodes),  # type: ignore[arg-type]
-                use_gpu=False, elastic_resize_monitor_interval_s=self.monitor_s,
-            ),
-            run_config=RunConfig(
-                name=f"bench-{uuid.uuid4().hex[:6]}", storage_path=str(self.storage),
-                failure_config=FailureConfig(max_failures=3), checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
-        self.runner = InThread(trainer.fit)
-
-    def add(self, count: int) -> None:
-        for _ in range(count):
-            self.cluster.add_node()
-
-    def alive(self) -> bool:
-        return self.runner is not None and self.runner.alive()
-
-    def finish(self, timeout_s: float) -> str:
-        assert self.runner is not None
-        result = self.runner.join(timeout_s)
-        return f"fit() returned (error: {getattr(result, 'error', None)!r})"
-
-    def close(self) -> None:
-        self._stack.close()
 
 
 def measure(launcher: Any, logs: StepLogs, adds: int, timeout_s: float) -> ScaleResult:
@@ -267,11 +126,13 @@ def run_one(launcher: Any, args: argparse.Namespace, log_dir: Path) -> ScaleResu
 def make_launcher(key: str, args: argparse.Namespace, run_dir: Path) -> Any:
     final = START_NODES + args.adds
     if key in ("ray_elastic", "ray_elastic_no_warmup"):
-        return ElasticLauncher(final, args.sleep_s, args.steps, warmup=not key.endswith("no_warmup"))
+        return ElasticLauncher(START_NODES, START_NODES, final, 0, args.sleep_s, args.steps,
+                               warmup=not key.endswith("no_warmup"))
     if key == "torchrun":
-        return TorchrunLauncher(final, args.sleep_s, args.steps, run_dir / "ckpt.pt")
+        return TorchrunElastic(START_NODES, final, args.sleep_s, args.steps, run_dir / "ckpt.pt")
     if key == "ray_train":
-        return RayTrainLauncher(final, args.sleep_s, args.steps, run_dir / "storage", args.ray_train_monitor_s)
+        return RayTrainLauncher(START_NODES, (START_NODES, final), 3, args.sleep_s, args.steps, run_dir / "storage",
+                                args.ray_train_monitor_s)
     raise SystemExit(f"unknown system {key!r}; choose from ray_elastic, ray_elastic_no_warmup, torchrun, ray_train")
 
 
