@@ -4,7 +4,8 @@ Two workers (gloo, CPU, OMP_NUM_THREADS=1, no sleep), a 4-layer float32 MLP
 with SGD + momentum, batch 32. For each model size the loop runs under plain
 `torchrun --standalone --nproc-per-node=2` (no checkpointing) and under
 `ray_elastic.run` on a simulated 2-node cluster with `State.commit()` every
-step (plus `report()`), interleaved `--repeats` times. Step time is the
+step (plus `report()`), interleaved `--repeats` times, once with the default
+`snapshot="copy"` and once with `snapshot="live"` (optimizer state not copied). Step time is the
 median interval between rank 0's completed steps after `--warmup` steps;
 commit time is measured around `state.commit()` on rank 0. At the size
 named by `--ratio-size`, ray_elastic also runs with a commit every
@@ -43,6 +44,7 @@ from workloads.loops import width_for_params  # noqa: E402
 
 DEPTH = 4
 BATCH = 32
+LIVE = "ray_elastic, snapshot=live"
 
 
 @dataclass
@@ -77,7 +79,7 @@ def run_torchrun(groups: ProcessGroups, log_dir: Path, width: int, steps: int, s
         raise RuntimeError(f"torchrun failed with {rc}; see {log_dir / 'torchrun.out'}")
 
 
-def run_elastic(log_dir: Path, width: int, steps: int, sleep_s: float, commit_every: int) -> None:
+def run_elastic(log_dir: Path, width: int, steps: int, sleep_s: float, commit_every: int, snapshot: str) -> None:
     from workloads.loops import elastic_train
 
     import ray_elastic
@@ -85,7 +87,7 @@ def run_elastic(log_dir: Path, width: int, steps: int, sleep_s: float, commit_ev
     config = {"log_dir": str(log_dir), "steps": steps, "width": width, "depth": DEPTH, "batch": BATCH,
               "sleep_s": sleep_s, "commit_every": commit_every}
     result = ray_elastic.run(elastic_train, config=config, min_nodes=2, max_nodes=2, max_restarts=0,
-                             progress="none")
+                             progress="none", snapshot=snapshot)
     settle(result.worker_pids)
 
 
@@ -126,22 +128,22 @@ def measure_all(args: argparse.Namespace, root: Path) -> list[Timing]:
         for size in args.sizes:
             width = width_for_params(size * 1e6, DEPTH)
             params_m = DEPTH * (width * width + width) / 1e6
-            variants: list[tuple[str, int]] = [("ray_elastic", 1)]
+            variants: list[tuple[str, int, str]] = [("ray_elastic", 1, "copy"), (LIVE, 1, "live")]
             if size == args.ratio_size and args.commit_every > 1:
-                variants.append((f"ray_elastic, commit every {args.commit_every}", args.commit_every))
+                variants.append((f"ray_elastic, commit every {args.commit_every}", args.commit_every, "copy"))
             steps, warmup = steps_for(size, args)
             for repeat in range(args.repeats if size == args.ratio_size else 1):
-                runs: list[tuple[str, int]] = [("torchrun", 0), *(variants if repeat == 0 else variants[:1])]
+                runs: list[tuple[str, int, str]] = [("torchrun", 0, ""), *(variants if repeat == 0 else variants[:2])]
                 if repeat % 2:  # alternate the order, so that neither side always runs first
                     runs.reverse()
-                for name, every in runs:
+                for name, every, snapshot in runs:
                     log(f"{params_m:.2f} M params (width {width}), {steps} steps, repeat {repeat + 1}: {name}")
                     run_dir = fresh_dir()
                     if name == "torchrun":
                         run_torchrun(groups, run_dir, width, steps, args.sleep_s)
                         settle()
                     else:
-                        run_elastic(run_dir, width, steps, args.sleep_s, every)
+                        run_elastic(run_dir, width, steps, args.sleep_s, every, snapshot)
                     timings.append(Timing(name, params_m, *step_timing(run_dir, warmup)))
                 log(f"  {timings[-len(runs):]}")
     return timings
@@ -168,10 +170,10 @@ def report(timings: list[Timing], args: argparse.Namespace) -> str:
                          f"{commit_ms:.1f}" if system != "torchrun" else "—",
                          f"{100 * commit_ms / every / step_ms:.1f}%" if system != "torchrun" else "—",
                          f"{ratio:.3f}", len(mine)])
-            if system == "ray_elastic" and abs(params_m - args.ratio_size) / args.ratio_size < 0.1:
+            if system in ("ray_elastic", LIVE) and abs(params_m - args.ratio_size) / args.ratio_size < 0.1:
                 verdict = "met" if ratio <= 1.05 else f"missed by {100 * (ratio - 1.05):.1f} points"
-                ratio_line = (f"Target: step-time ratio ≤ 1.05 at ~{args.ratio_size:g} M parameters: "
-                              f"{ratio:.3f} ({verdict}).")
+                ratio_line += (f"Target: step-time ratio ≤ 1.05 at ~{args.ratio_size:g} M parameters, {system}: "
+                               f"{ratio:.3f} ({verdict}).\n")
     headers = ["params (M)", "system", "step (ms, median of runs (min–max))", "commit (ms, median)",
                "commit share of step", "step / torchrun's", "runs"]
     return "\n".join([

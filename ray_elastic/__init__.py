@@ -10,6 +10,7 @@ from ray_elastic.errors import (
     NotEnoughNodesError,
     RunAbortedError,
     RunNameInUseError,
+    SnapshotLostError,
     TrainingFailedError,
 )
 from ray_elastic.sampler import ElasticSampler
@@ -25,6 +26,7 @@ __all__ = [
     "RunAbortedError",
     "RunNameInUseError",
     "RunResult",
+    "SnapshotLostError",
     "State",
     "TrainContext",
     "TrainingFailedError",

@@ -135,6 +135,7 @@ def run(
     ray_address: str | None = None,
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
+    snapshot: str = "copy",
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -164,6 +165,11 @@ def run(
         warmup_modules: imported by every worker before it joins a round, so a newcomer does not
             import them inside the round while survivors wait (DDP's constructor imports
             torch._dynamo: ~2 s on 2 cores). Pass () to skip.
+        snapshot: how `State.commit()` keeps the commit. "copy": a copy of every tensor (any loop).
+            "live": an optimizer's parameters and state are kept by reference, not copied (no
+            commit cost for them); needs commit() after every optimizer.step() with no collective
+            in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
+            between optimizer.step() and commit() on every rank at once.
 
     Returns:
         RunResult of the final round.
@@ -200,6 +206,7 @@ def run(
             init_process_group=init_process_group,
             # a bare string is kept as is, so that validate() rejects it instead of splitting it into letters
             warmup_modules=warmup_modules if isinstance(warmup_modules, str) else tuple(warmup_modules),  # type: ignore[arg-type]
+            snapshot=snapshot,
         )
     )
     if progress not in ("auto", "bar", "log", "none"):

@@ -10,6 +10,8 @@ from typing import Any
 
 from ray_elastic.errors import ConfigError
 
+SNAPSHOT_MODES = ("copy", "live")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -46,6 +48,7 @@ class RunConfig:
     # False for train_fns that form their own group (the torchrun-compatible CLI).
     init_process_group: bool = True
     warmup_modules: tuple[str, ...] = ("torch._dynamo",)
+    snapshot: str = "copy"
 
     @property
     def worker_backend(self) -> str:
@@ -149,6 +152,11 @@ def validate(config: RunConfig) -> RunConfig:
     if missing:
         raise ConfigError(
             f"warmup_modules names module(s) that cannot be imported here: {missing}; fix the names or install them."
+        )
+    if config.snapshot not in SNAPSHOT_MODES:
+        raise ConfigError(
+            f"snapshot must be 'copy' (copy everything at each commit) or 'live' (keep optimizer-owned "
+            f"tensors by reference; commit right after optimizer.step()), got {config.snapshot!r}."
         )
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")

@@ -5,6 +5,7 @@ Every error the runtime raises to users derives from :class:`ElasticError`::
     ElasticError
     ├── ConfigError              bad input, raised before any actor starts
     │   └── RunNameInUseError    a run name already used without resume=True
+    ├── SnapshotLostError        (snapshot="live") every rank stepped past the last commit
     ├── TrainingFailedError      the run failed; names the first failure
     │   ├── NotEnoughNodesError  fewer than min_nodes for longer than the timeout
     │   └── CoordinatorLostError the coordinator actor died
@@ -16,6 +17,7 @@ All of them pickle with their payload, so they cross actor boundaries intact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class ElasticError(Exception):
@@ -31,6 +33,23 @@ class ConfigError(ElasticError, ValueError):
 
 class RunNameInUseError(ConfigError):
     """A run with this name already stored checkpoints and `resume=True` was not given."""
+
+
+class SnapshotLostError(ElasticError):
+    """With snapshot="live", no rank still holds the newest commit (raised in `State(...)`).
+
+    Every rank's optimizer stepped past the commit and then failed before the next one
+    (train_fn raised on every rank between optimizer.step() and commit()).
+    """
+
+    @classmethod
+    def for_commit(cls, commit_id: int, step: Any) -> SnapshotLostError:
+        at = f"commit {commit_id}" + ("" if step is None else f" (step {step})")
+        return cls(
+            f"{at} is lost: every rank's optimizer stepped past it and then left the round before the next "
+            f"commit, and snapshot='live' keeps no copy of optimizer-owned tensors. Resume from a durable "
+            f"checkpoint (storage_path=..., resume=True), or run with snapshot='copy' to keep a copy."
+        )
 
 
 class RunAbortedError(ElasticError):

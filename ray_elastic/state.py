@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 from ray_elastic.context import Session, TrainContext, get_session
+from ray_elastic.errors import SnapshotLostError
+from ray_elastic.snapshot import SnapshotHolder, _copy_into
+
+__all__ = ["MembershipChange", "SnapshotHolder", "State", "_copy_into", "broadcast_payload"]
 
 
 class MembershipChange(BaseException):
@@ -28,42 +32,6 @@ class MembershipChange(BaseException):
 
     A BaseException so that `except Exception` in user code does not swallow it.
     """
-
-
-class SnapshotHolder:
-    """This process's last committed snapshot; outlives rounds (train_fn re-entries)."""
-
-    def __init__(self) -> None:
-        self.commit_id = -1
-        self.items: dict[str, Any] = {}
-        self.attrs: dict[str, Any] = {}
-        self.world_size = 0
-
-    def as_payload(self) -> dict[str, Any]:
-        return {"commit_id": self.commit_id, "items": self.items, "attrs": self.attrs, "world_size": self.world_size}
-
-    def load_payload(self, payload: dict[str, Any]) -> None:
-        self.commit_id = payload["commit_id"]
-        self.items = payload["items"]
-        self.attrs = payload["attrs"]
-        self.world_size = payload["world_size"]
-
-
-def _copy_into(dst: Any, src: Any) -> Any:
-    """Copy `src` (a state_dict tree) into `dst`, reusing tensors of matching shape; return the copy."""
-    if isinstance(src, torch.Tensor):
-        if isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype:
-            dst.copy_(src.detach(), non_blocking=False)
-            return dst
-        return src.detach().to("cpu", copy=True)
-    if isinstance(src, dict):
-        old = dst if isinstance(dst, dict) else {}
-        return {k: _copy_into(old.get(k), v) for k, v in src.items()}
-    if isinstance(src, (list, tuple)):
-        old_seq = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
-        items = [_copy_into(d, s) for d, s in zip(old_seq, src)]
-        return items if isinstance(src, list) else tuple(items)
-    return copy.deepcopy(src)
 
 
 def _split_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
@@ -160,6 +128,11 @@ class State:
         object.__setattr__(self, "_callbacks", [])
         object.__setattr__(self, "restored_from", "fresh")
         object.__setattr__(self, "world_changed", False)
+        holder = self._session.snapshots
+        for obj in self._stateful.values():
+            if isinstance(obj, torch.optim.Optimizer):
+                holder.track(obj)
+        holder.begin_interval()
         self._restore()
 
     # -- attributes ------------------------------------------------------------------------------
@@ -192,20 +165,18 @@ class State:
                 the worker catches it, re-forms, and calls train_fn again.
         """
         session: Session = self._session
+        holder = session.snapshots
+        # The local half first: a peer lost after its backward all-reduce lets every survivor get
+        # here, and each then holds this step even though the agreement below fails.
+        holder.take(self._stateful, self._attrs, session.context.world_size)
+        step = self._attrs.get("step")
+        session.last_committed_step = step if isinstance(step, int) else holder.commit_id
+        session.mark_progress()
         stop = session.stop_requested()
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=self._comm_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
-        holder = session.snapshots
-        for name, obj in self._stateful.items():
-            holder.items[name] = _copy_into(holder.items.get(name), obj.state_dict())
-        holder.attrs = copy.deepcopy(self._attrs)
-        holder.commit_id += 1
-        holder.world_size = session.context.world_size
-        step = self._attrs.get("step")
-        session.last_committed_step = step if isinstance(step, int) else holder.commit_id
-        session.mark_progress()
         if session.checkpointer is not None:
             session.checkpointer.maybe_save(holder, session.context)
         if stop:
@@ -242,16 +213,22 @@ class State:
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if holder.commit_id < 0 and session.checkpointer is not None and not distributed:
             self._load_from_storage(holder)
-        mine = holder.commit_id
+        mine = holder.held_commit_id()
         if not distributed:
+            if mine < holder.commit_id:
+                raise SnapshotLostError.for_commit(holder.commit_id, holder.attrs.get("step"))
             if mine >= 0:
                 self._restore_own(holder)
             return
         device = self._comm_device()
         rank, world = dist.get_rank(), dist.get_world_size()
-        newest_t = torch.tensor([mine], dtype=torch.int64, device=device)
+        # The newest commit any rank holds intact, and the newest any rank took (they differ
+        # only in "live" mode, when every rank's optimizer stepped past the last commit).
+        newest_t = torch.tensor([mine, holder.commit_id], dtype=torch.int64, device=device)
         dist.all_reduce(newest_t, op=dist.ReduceOp.MAX)
-        newest = int(newest_t.item())
+        newest, newest_taken = int(newest_t[0].item()), int(newest_t[1].item())
+        if newest < newest_taken:
+            raise SnapshotLostError.for_commit(newest_taken, holder.attrs.get("step"))
         from_storage = newest < 0 and session.checkpointer is not None
         if from_storage:
             # No live rank holds a commit (a resumed run, or every worker lost): rank 0 reads
@@ -260,7 +237,7 @@ class State:
                 self._load_from_storage(holder)
             newest_t = torch.tensor([holder.commit_id], dtype=torch.int64, device=device)
             dist.broadcast(newest_t, src=0)
-            mine, newest = holder.commit_id, int(newest_t.item())
+            mine, newest = holder.commit_id, int(newest_t[0].item())
         has = mine == newest
         # One MIN all-reduce answers both: the lowest rank holding the newest commit, and
         # (negated) whether any rank lacks it.
@@ -287,6 +264,7 @@ class State:
 
     def _restore_own(self, holder: SnapshotHolder) -> None:
         self._load(holder.as_payload())
+        holder.rebaseline()  # live tensors the objects share with the snapshot were just rewritten
         if self.restored_from == "fresh":
             object.__setattr__(self, "restored_from", "memory")
         object.__setattr__(self, "world_changed", holder.world_size != self.context.world_size)

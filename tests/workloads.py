@@ -63,7 +63,8 @@ def _step_limit(steps: int, trace_dir: str | None) -> int:
 def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
-    config: steps, sleep_s (per step), faults (FaultInjector or None), width,
+    config: steps, sleep_s (per step), faults (FaultInjector or None, checked before the step),
+    faults_after_step (checked between opt.step() and commit(), with the step being taken), width,
     first_attempt_env (variables set in the worker while restart_count is 0, removed
     after: a crash hook that must fire once), trace_dir (see `_trace_commit`; a
     `stop_at` file there lowers `steps`, see `_step_limit`).
@@ -84,6 +85,7 @@ def ddp_train(config: dict) -> dict:
     resets: list[int] = []
     state.register_reset_callback(lambda c: resets.append(c.world_size))
     faults = config.get("faults")
+    after_step = config.get("faults_after_step")  # fire between opt.step() and commit()
     generator = torch.Generator().manual_seed(ctx.rank)
     loss = torch.tensor(0.0)
     trace_dir = config.get("trace_dir")
@@ -95,6 +97,8 @@ def ddp_train(config: dict) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step.check(state.step + 1)
         state.step += 1
         state.log.append(state.step)
         state.worlds.append(ctx.world_size)

@@ -75,7 +75,7 @@ class ElasticWorker:
         self.worker_id = worker_id
         self.node_id = node_id
         self.checkpointer = checkpointer
-        self.snapshots = SnapshotHolder()
+        self.snapshots = SnapshotHolder(config.snapshot)
         self._lock = threading.Lock()
         self._round_id = -1
         self._group: GroupHandle | None = None

@@ -39,6 +39,7 @@ def _noop(config):
         ({"progress": "fancy"}, "progress must be"),
         ({"warmup_modules": "torch._dynamo"}, "warmup_modules must be a list of module names"),
         ({"warmup_modules": ["torch._no_such_module"]}, "cannot be imported here: ['torch._no_such_module']"),
+        ({"snapshot": "lazy"}, "snapshot must be 'copy'"),
     ],
 )
 def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message, ray_disconnected):

@@ -1,0 +1,90 @@
+"""Faults around commit() with real kills, in both snapshot modes ("copy", and "live": no copy of optimizer state).
+
+The window that matters for "live": a peer lost after its optimizer step. Every
+survivor passed the same backward all-reduce, so every survivor steps too; each
+must then snapshot in commit() before the agreement all-reduce fails, or no rank
+would hold a commit any more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+import ray_elastic
+from ray_elastic.api import coordinator_name
+from ray_elastic.testing import FaultInjector
+from tests.cluster.background import BackgroundRun
+from tests.faults.matrix import check_run, ensure_nodes
+from tests.workloads import ddp_train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "live"])
+def test_peer_killed_between_its_step_and_commit_costs_no_step(snapshot, cluster, no_leaks, trace):
+    ensure_nodes(cluster, 4)
+    steps = 10
+    after_step = FaultInjector(log_path=trace.faults_log).kill_at(rank=1, step=5)
+    result = ray_elastic.run(
+        ddp_train, config={"steps": steps, "faults_after_step": after_step, "trace_dir": str(trace.dir)},
+        min_nodes=2, max_nodes=3, max_restarts=1, snapshot=snapshot, progress="none",
+    )
+    fired = trace.fired()
+    assert [(f.kind, f.rank, f.step) for f in fired] == [("kill", 1, 5)]
+    check_run(result, steps, restarts=1)
+    assert [c.step for c in trace.commits()] == list(range(1, steps + 1))
+    assert trace.first_commit_after(fired[0].wall).step == 6, "survivors kept step 5: nothing redone"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_live_snapshot_survives_a_sigkill_and_hands_its_state_to_the_newcomer(cluster, no_leaks, trace, tmp_path):
+    ensure_nodes(cluster, 3)
+    name = f"live-kill-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=3, max_restarts=2, name=name, snapshot="live")
+    run.wait_for("round_formed")
+    rank0 = trace.wait_for_step(5, alive=run.alive)
+    pids = ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
+    victim = next(pid for pid in pids if pid != rank0.pid)
+    os.kill(victim, signal.SIGKILL)
+    run.wait_for("round_formed", cause="scale-up", world_size=3)  # the replacement joins at a commit
+    steps = trace.stop_at(trace.commits()[-1].step + 20)
+    result = run.join()
+    check_run(result, steps, restarts=1)  # identical weights on every rank, the newcomer's included
+    assert victim not in {v["pid"] for v in result.return_values}
+    newcomer = [v for v in result.return_values if v["restored_from"] == "peer"]
+    assert len(newcomer) == 1, "the newcomer received the commit by broadcast"
+    final_round = result.rounds[-1].round_id
+    restored = [[d for r, _, d in v["restores"] if r == final_round] for v in result.return_values]
+    assert all(d == restored[0] and len(d) == 1 for d in restored), "newcomer's model+optimizer equal survivors'"
+    assert trace.redone() <= 1
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "live"])
+def test_train_fn_raising_after_its_step_on_every_rank(snapshot, cluster, no_leaks, trace):
+    """The one case "live" cannot recover in memory: it fails loudly instead of restoring wrong state."""
+    ensure_nodes(cluster, 4)
+    steps = 6
+    after_step = FaultInjector(log_path=trace.faults_log).fail_at(rank=0, step=3).fail_at(rank=1, step=3)
+    config = {"steps": steps, "faults_after_step": after_step, "trace_dir": str(trace.dir)}
+    if snapshot == "copy":
+        result = ray_elastic.run(ddp_train, config=config, min_nodes=2, max_nodes=2, max_restarts=1,
+                                 snapshot=snapshot, progress="none")
+        check_run(result, steps, restarts=1)
+        no_leaks(result.worker_pids, ports=trace.ports())
+        return
+    with pytest.raises(ray_elastic.TrainingFailedError) as info:
+        ray_elastic.run(ddp_train, config=config, min_nodes=2, max_nodes=2, max_restarts=1,
+                        snapshot=snapshot, progress="none")
+    err = info.value
+    assert "InjectedFault" in err.first_failure.message
+    lost = [f for f in err.failures if "SnapshotLostError" in f.message]
+    assert lost and "commit 1 (step 2) is lost" in lost[0].message and "resume=True" in lost[0].message
+    assert [c.step for c in trace.commits()] == [1, 2], "nothing ran past the lost commit"
+    no_leaks(ports=trace.ports())
