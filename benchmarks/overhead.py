@@ -133,7 +133,7 @@ def measure_all(args: argparse.Namespace, root: Path) -> list[Timing]:
                 variants.append((f"ray_elastic, commit every {args.commit_every}", args.commit_every, "copy"))
             steps, warmup = steps_for(size, args)
             for repeat in range(args.repeats if size == args.ratio_size else 1):
-                runs: list[tuple[str, int, str]] = [("torchrun", 0, ""), *(variants if repeat == 0 else variants[:2])]
+                runs: list[tuple[str, int, str]] = [("torchrun", 0, ""), *variants]
                 if repeat % 2:  # alternate the order, so that neither side always runs first
                     runs.reverse()
                 for name, every, snapshot in runs:

@@ -2,8 +2,9 @@
 
 `State(**items)` holds objects with `state_dict`/`load_state_dict` (modules,
 optimizers, schedulers, samplers) and plain values (attributes such as `step`).
-`commit()` copies every item into this process's snapshot, reusing buffers, and
-is the one point where membership changes take effect. On (re-)entry of
+`commit()` fills this process's snapshot (see `ray_elastic.snapshot`: a copy of
+every item, or optimizer-owned tensors by reference), then agrees with the other
+ranks; it is the one point where membership changes take effect. On (re-)entry of
 train_fn, constructing a `State` restores the newest commit held by any rank:
 survivors load their own copy, newcomers receive it by broadcast, and with no
 snapshot anywhere the durable checkpoint (if any) is loaded, else rank 0's
