@@ -59,11 +59,14 @@ class ElasticLauncher(_OnLocalCluster):
     name = "ray_elastic"
 
     def __init__(self, nodes: int, min_nodes: int, max_nodes: int, restarts: int, sleep_s: float, steps: int,
-                 warmup: bool = True):
+                 warmup: bool = True, snapshot: str = "copy"):
         super().__init__(nodes, sleep_s, steps)
         self.min_nodes, self.max_nodes, self.restarts, self.warmup = min_nodes, max_nodes, restarts, warmup
+        self.snapshot = snapshot
         if not warmup:
             self.name = "ray_elastic, warmup_modules=()"
+        if snapshot != "copy":
+            self.name = f"ray_elastic, snapshot={snapshot}"
 
     def start(self, log_dir: Path) -> None:
         from workloads.loops import elastic_train
@@ -75,7 +78,7 @@ class ElasticLauncher(_OnLocalCluster):
         self.runner = InThread(lambda: ray_elastic.run(
             elastic_train, config=config, min_nodes=self.min_nodes, max_nodes=self.max_nodes,
             max_restarts=self.restarts, progress="none", event_log_path=str(log_dir / "events.jsonl"),
-            warmup_modules=("torch._dynamo",) if self.warmup else (),
+            warmup_modules=("torch._dynamo",) if self.warmup else (), snapshot=self.snapshot,
         ))
 
     def kill_node_of(self, member: Record) -> None:
