@@ -107,10 +107,11 @@ class SnapshotHolder:
         self.world_size = 0
         self._live: list[tuple[torch.Tensor, int]] = []  # held by reference, with the version at commit
         self._borrowed: frozenset[int] = frozenset()
-        self._watched: set[int] = set()  # optimizers whose tensors are held live
+        # Optimizers whose tensors are held live (weak: a new optimizer may reuse a dead one's id).
+        self._watched: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._dirty = False  # a watched optimizer stepped since the commit
         # Loop-shape checks of "live" mode, per commit interval.
-        self._stepped: set[int] = set()
+        self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._count_after_step: int | None = None
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
@@ -133,7 +134,7 @@ class SnapshotHolder:
         self._forget_live()
 
     def _forget_live(self) -> None:
-        self._live, self._borrowed, self._watched, self._dirty = [], frozenset(), set(), False
+        self._live, self._borrowed, self._watched, self._dirty = [], frozenset(), weakref.WeakSet(), False
 
     # -- commit -------------------------------------------------------------------------------------
     def take(self, stateful: dict[str, Any], attrs: dict[str, Any], world_size: int) -> None:
@@ -148,7 +149,7 @@ class SnapshotHolder:
                                                    self._borrowed, held)
             self._live = [(t, t._version) for t in held]
             self._borrowed = frozenset(id(t) for t in held)
-            self._watched = {id(o) for o in optimizers}
+            self._watched = weakref.WeakSet(optimizers)
             self._dirty = False
         else:
             for name, obj in stateful.items():
@@ -161,7 +162,7 @@ class SnapshotHolder:
 
     def begin_interval(self) -> None:
         """Start a new commit interval (after a commit, or on entering a round)."""
-        self._stepped = set()
+        self._stepped = weakref.WeakSet()
         self._count_after_step = None
 
     def rebaseline(self) -> None:
@@ -179,15 +180,15 @@ class SnapshotHolder:
         optimizer.register_step_post_hook(self._after_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if id(optimizer) in self._stepped:
+        if optimizer in self._stepped:
             raise ConfigError(
                 f"snapshot='live' needs state.commit() after every optimizer.step(), but "
                 f"{type(optimizer).__name__} stepped twice since the last commit. Commit every step, "
                 f"or run with snapshot='copy'."
             )
         self.check_commit_follows_step()
-        self._stepped.add(id(optimizer))
-        if id(optimizer) in self._watched:
+        self._stepped.add(optimizer)
+        if optimizer in self._watched:
             self._dirty = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -40,8 +40,7 @@ def test_row4_losing_a_node_continues_on_fewer_nodes(cluster, no_leaks, trace, f
 
 def test_row5_nodes_join_at_a_commit_never_above_max_and_free(cluster, no_leaks, trace, figures, tmp_path):
     ensure_nodes(cluster, 2)
-    steps = 150
-    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
                         min_nodes=2, max_nodes=3, max_restarts=0)
     run.wait_for("round_formed")
     trace.wait_for_step(3, alive=run.alive)
@@ -49,6 +48,8 @@ def test_row5_nodes_join_at_a_commit_never_above_max_and_free(cluster, no_leaks,
     for _ in range(2):  # two nodes in a burst; only one fits under max_nodes=3
         cluster.add_node()
     grown = run.wait_for("round_formed", count=2)
+    # End the run a little after the scale-up, however long the nodes took to start.
+    steps = trace.stop_at(trace.commits()[-1].step + 30)
     result = run.join()
     figures(5, "nodes join (2, room for 1)", detection_s=detection_s(result.events, joined_at, kind="node_ready"),
             recovery_s=trace.recovery_s(joined_at), steps_redone=trace.redone(), restarts=result.restarts, budget=0)
