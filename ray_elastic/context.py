@@ -58,6 +58,8 @@ class Session:
         self.last_progress = time.monotonic()
         self.last_committed_step: int | None = None
         self._interrupt_handlers: list[Callable[[str], None]] = []
+        # (work, flag) of the stop-flag all-reduce the last commit started (see State.commit).
+        self.pending_agreement: tuple[Any, Any] | None = None
 
     def add_interrupt_handler(self, handler: Callable[[str], None]) -> None:
         """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
@@ -70,6 +72,15 @@ class Session:
     def interrupt(self, reason: str) -> None:
         for handler in list(self._interrupt_handlers):
             handler(reason)
+
+    def finish_agreement(self) -> bool:
+        """Wait for the stop-flag all-reduce the last commit started; True if any rank asked to stop."""
+        pending, self.pending_agreement = self.pending_agreement, None
+        if pending is None:
+            return False
+        work, flag = pending
+        work.wait()
+        return bool(flag.item())
 
     def mark_progress(self) -> None:
         self.progress_count += 1

@@ -161,6 +161,9 @@ class State:
     def commit(self) -> None:
         """Take the in-memory snapshot; apply a pending membership change on all ranks together.
 
+        A stop request (a membership change) seen at one commit is agreed on by an all-reduce that
+        completes during the next step, and every rank leaves at that next commit.
+
         Raises:
             MembershipChange: (internal) on every rank at once when the world is about to change;
                 the worker catches it, re-forms, and calls train_fn again.
@@ -173,11 +176,18 @@ class State:
         step = self._attrs.get("step")
         session.last_committed_step = step if isinstance(step, int) else holder.commit_id
         session.mark_progress()
-        stop = session.stop_requested()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=self._comm_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+            # Agreement, one commit behind: the flags all-reduced since the previous commit decide
+            # whether every rank leaves here, and this commit's flags go out without waiting, so
+            # no rank waits for the slowest one twice a step (DDP's all-reduce already syncs them).
+            stop = session.finish_agreement()
+            if not stop:
+                flag = torch.tensor([1 if session.stop_requested() else 0], dtype=torch.int32,
+                                    device=self._comm_device())
+                work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+                session.pending_agreement = (work, flag)
+        else:
+            stop = session.stop_requested()
         if session.checkpointer is not None:
             session.checkpointer.maybe_save(holder, session.context)
         if stop:

@@ -193,6 +193,7 @@ class ElasticWorker:
                 return self._outcome(spec, OutcomeKind.ABORTED, session=session, message="aborted while forming")
             set_session(session)
             value = self._call_train_fn()
+            session.finish_agreement()  # every rank started it at its last commit: let it complete
             return self._outcome(spec, OutcomeKind.DONE, value=value, session=session)
         except MembershipChange:
             return self._outcome(spec, OutcomeKind.STOPPED, session=session)
