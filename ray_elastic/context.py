@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ray_elastic.state import SnapshotHolder
+    from ray_elastic.snapshot import SnapshotHolder
 
 
 @dataclass(frozen=True)

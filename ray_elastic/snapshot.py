@@ -31,12 +31,19 @@ from ray_elastic.config import SNAPSHOT_MODES
 from ray_elastic.errors import ConfigError
 
 
-def _copy_into(dst: Any, src: Any, borrowed: frozenset[int] = frozenset()) -> Any:
+def _copy_into(dst: Any, src: Any, borrowed: frozenset[int] = frozenset(),
+               live_keys: frozenset[tuple[Any, ...]] | None = None, out_live: list[torch.Tensor] | None = None) -> Any:
     """Copy `src` (a state_dict tree) into `dst`, reusing its tensors of matching shape; return the copy.
 
-    Tensors whose id is in `borrowed` are live tensors held by reference, never written into.
+    Tensors whose key is in `live_keys` are kept by reference instead and appended to `out_live`;
+    tensors of `dst` whose id is in `borrowed` are such references, never written into.
     """
     if isinstance(src, torch.Tensor):
+        if live_keys and src.numel() and _tensor_key(src) in live_keys:
+            held = src.detach()  # shares storage and version counter
+            if out_live is not None:
+                out_live.append(held)
+            return held
         if (isinstance(dst, torch.Tensor) and id(dst) not in borrowed
                 and dst.shape == src.shape and dst.dtype == src.dtype):
             dst.copy_(src.detach(), non_blocking=False)
@@ -44,10 +51,10 @@ def _copy_into(dst: Any, src: Any, borrowed: frozenset[int] = frozenset()) -> An
         return src.detach().to("cpu", copy=True)
     if isinstance(src, dict):
         old = dst if isinstance(dst, dict) else {}
-        return {k: _copy_into(old.get(k), v, borrowed) for k, v in src.items()}
+        return {k: _copy_into(old.get(k), v, borrowed, live_keys, out_live) for k, v in src.items()}
     if isinstance(src, (list, tuple)):
         old_seq = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
-        items = [_copy_into(d, s, borrowed) for d, s in zip(old_seq, src)]
+        items = [_copy_into(d, s, borrowed, live_keys, out_live) for d, s in zip(old_seq, src)]
         return items if isinstance(src, list) else tuple(items)
     return copy.deepcopy(src)
 
@@ -62,25 +69,6 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     for per_param in optimizer.state.values():
         tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
     return tensors
-
-
-def _borrow_or_copy(dst: Any, src: Any, live_keys: set[tuple[Any, ...]], borrowed: frozenset[int],
-                    out_live: list[torch.Tensor]) -> Any:
-    """Like `_copy_into`, but tensors in `live_keys` are kept by reference and listed in `out_live`."""
-    if isinstance(src, torch.Tensor):
-        if src.numel() and _tensor_key(src) in live_keys:
-            held = src.detach()  # shares storage and version counter
-            out_live.append(held)
-            return held
-        return _copy_into(dst, src, borrowed)
-    if isinstance(src, dict):
-        old = dst if isinstance(dst, dict) else {}
-        return {k: _borrow_or_copy(old.get(k), v, live_keys, borrowed, out_live) for k, v in src.items()}
-    if isinstance(src, (list, tuple)):
-        old_seq = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
-        items = [_borrow_or_copy(d, s, live_keys, borrowed, out_live) for d, s in zip(old_seq, src)]
-        return items if isinstance(src, list) else tuple(items)
-    return copy.deepcopy(src)
 
 
 def collective_count() -> int | None:
@@ -106,7 +94,6 @@ class SnapshotHolder:
         self.attrs: dict[str, Any] = {}
         self.world_size = 0
         self._live: list[tuple[torch.Tensor, int]] = []  # held by reference, with the version at commit
-        self._borrowed: frozenset[int] = frozenset()
         # Optimizers whose tensors are held live (weak: a new optimizer may reuse a dead one's id).
         self._watched: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._dirty = False  # a watched optimizer stepped since the commit
@@ -134,27 +121,22 @@ class SnapshotHolder:
         self._forget_live()
 
     def _forget_live(self) -> None:
-        self._live, self._borrowed, self._watched, self._dirty = [], frozenset(), weakref.WeakSet(), False
+        self._live, self._watched, self._dirty = [], weakref.WeakSet(), False
 
     # -- commit -------------------------------------------------------------------------------------
     def take(self, stateful: dict[str, Any], attrs: dict[str, Any], world_size: int) -> None:
         """The local half of a commit: snapshot every item, then count the commit."""
         self.check_commit_follows_step()
         optimizers = [o for o in stateful.values() if isinstance(o, torch.optim.Optimizer)]
-        if self.mode == "live" and optimizers:
-            live_keys = {_tensor_key(t) for o in optimizers for t in _optimizer_tensors(o)}
-            held: list[torch.Tensor] = []
-            for name, obj in stateful.items():
-                self.items[name] = _borrow_or_copy(self.items.get(name), obj.state_dict(), live_keys,
-                                                   self._borrowed, held)
-            self._live = [(t, t._version) for t in held]
-            self._borrowed = frozenset(id(t) for t in held)
-            self._watched = weakref.WeakSet(optimizers)
-            self._dirty = False
-        else:
-            for name, obj in stateful.items():
-                self.items[name] = _copy_into(self.items.get(name), obj.state_dict(), self._borrowed)
-            self._forget_live()
+        live = self.mode == "live"
+        live_keys = frozenset(_tensor_key(t) for o in optimizers for t in _optimizer_tensors(o)) if live else None
+        borrowed = frozenset(id(t) for t, _ in self._live)
+        held: list[torch.Tensor] = []
+        for name, obj in stateful.items():
+            self.items[name] = _copy_into(self.items.get(name), obj.state_dict(), borrowed, live_keys, held)
+        self._live = [(t, t._version) for t in held]
+        self._watched = weakref.WeakSet(optimizers if live else ())
+        self._dirty = False
         self.attrs = copy.deepcopy(attrs)
         self.commit_id += 1
         self.world_size = world_size

@@ -23,9 +23,7 @@ import torch.distributed as dist
 
 from ray_elastic.context import Session, TrainContext, get_session
 from ray_elastic.errors import SnapshotLostError
-from ray_elastic.snapshot import SnapshotHolder, _copy_into
-
-__all__ = ["MembershipChange", "SnapshotHolder", "State", "_copy_into", "broadcast_payload"]
+from ray_elastic.snapshot import SnapshotHolder
 
 
 class MembershipChange(BaseException):

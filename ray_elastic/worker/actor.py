@@ -18,7 +18,8 @@ from typing import Any
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, WorkerOutcome
-from ray_elastic.state import MembershipChange, SnapshotHolder
+from ray_elastic.snapshot import SnapshotHolder
+from ray_elastic.state import MembershipChange
 from ray_elastic.worker.process_group import GroupHandle, is_communication_error
 
 

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from ray_elastic import ConfigError, SnapshotLostError
 from ray_elastic.context import Session, set_session
-from ray_elastic.state import SnapshotHolder, State
+from ray_elastic.snapshot import SnapshotHolder
+from ray_elastic.state import State
 from tests.unit.test_state import _context
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,11 +53,18 @@ def _assert_state(model, opt, expected):
         assert torch.equal(per_param["momentum_buffer"], momentum[i])
 
 
-def test_optimizer_tensors_are_held_by_reference_the_rest_is_copied(live):
+def _trained_and_committed():
+    """A model and optimizer after one step, committed as step 1; returns (model, opt, state)."""
     model, opt = _model_and_opt()
     state = State(model=model, optimizer=opt, step=0)
     _step(model, opt)
+    state.step = 1
     state.commit()
+    return model, opt, state
+
+
+def test_optimizer_tensors_are_held_by_reference_the_rest_is_copied(live):
+    model, opt, _ = _trained_and_committed()
     held = live.items["model"]
     assert held["0.weight"].data_ptr() == model[0].weight.data_ptr(), "parameters are not copied"
     momentum = live.items["optimizer"]["state"][0]["momentum_buffer"]
@@ -66,11 +74,7 @@ def test_optimizer_tensors_are_held_by_reference_the_rest_is_copied(live):
 
 
 def test_failure_before_the_next_step_restores_the_commit(live):
-    model, opt = _model_and_opt()
-    state = State(model=model, optimizer=opt, step=0)
-    _step(model, opt)
-    state.step = 1
-    state.commit()
+    model, opt, _ = _trained_and_committed()
     committed = _clone_state(model, opt)
     _forward_backward(model)  # the next step fails in its backward all-reduce, before opt.step()
 
@@ -83,11 +87,7 @@ def test_failure_before_the_next_step_restores_the_commit(live):
 
 
 def test_a_step_after_the_commit_loses_it_loudly_instead_of_restoring_wrong_state(live):
-    model, opt = _model_and_opt()
-    state = State(model=model, optimizer=opt, step=0)
-    _step(model, opt)
-    state.step = 1
-    state.commit()
+    model, opt, _ = _trained_and_committed()
     _step(model, opt)  # then train_fn raises before commit() (on every rank)
     assert live.held_commit_id() == -1
     with pytest.raises(SnapshotLostError, match="commit 0 \\(step 1\\) is lost"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ray_elastic.context import Session, TrainContext, set_session
-from ray_elastic.state import MembershipChange, SnapshotHolder, State, _copy_into
+from ray_elastic.snapshot import SnapshotHolder, _copy_into
+from ray_elastic.state import MembershipChange, State
 
 pytestmark = pytest.mark.timeout(30)
 
