@@ -255,6 +255,31 @@ def machine_line() -> str:
     )
 
 
+class StealMeter:
+    """Share of CPU time the hypervisor gave to other guests (Linux "steal") between start() and percent().
+
+    On a shared virtual machine this is the noise no interleaving removes; a run
+    with a high share measured a slower machine.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+    def percent(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] == self._start[1]:
+            return None
+        return 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

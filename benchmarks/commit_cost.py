@@ -37,7 +37,8 @@ DEPTH, BATCH, STEPS_PER_BLOCK, SKIP_PER_BLOCK = 4, 32, 10, 2
 def _states(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int) -> dict[str, object]:
     """One State per snapshot mode over the same model and optimizer, each with its own session."""
     from ray_elastic.context import Session, TrainContext, set_session
-    from ray_elastic.state import SnapshotHolder, State
+    from ray_elastic.snapshot import SnapshotHolder
+    from ray_elastic.state import State
 
     states = {}
     for mode in ("copy", "live"):
