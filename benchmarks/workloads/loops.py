@@ -71,6 +71,26 @@ class StepLog:
             return default
 
 
+def wait_for_turn(turn_file: str | None, system: str, next_step: int, poll_s: float = 0.02) -> bool:
+    """Block until `system` may take `next_step`; False when told to stop (no turn file: always True).
+
+    The harness writes `<system> <last step allowed>` or `stop` into `turn_file`,
+    so that several systems alive at once take turns (overhead_interleaved.py).
+    """
+    if not turn_file:
+        return True
+    while True:
+        try:
+            words = Path(turn_file).read_text().split()
+        except FileNotFoundError:
+            words = []
+        if words == ["stop"]:
+            return False
+        if len(words) == 2 and words[0] == system and next_step <= int(words[1]):
+            return True
+        time.sleep(poll_s)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
     loss = model(x).pow(2).mean()
     opt.zero_grad(set_to_none=False)
@@ -101,6 +121,8 @@ def elastic_train(config: dict[str, Any]) -> dict[str, Any]:
     commit_every = int(cfg.get("commit_every", 1))
     loss = 0.0
     while state.step < log.stop_at(cfg["steps"]):
+        if not wait_for_turn(cfg.get("turn_file"), cfg.get("system", ""), state.step + 1):
+            break
         loss = train_step(model, opt, x)
         state.step += 1
         commit_ms = 0.0

@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from loops import DEFAULTS, StepLog, make_mlp, train_step
+from loops import DEFAULTS, StepLog, make_mlp, train_step, wait_for_turn
 
 
 def main() -> None:
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=DEFAULTS["depth"])
     parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
     parser.add_argument("--sleep-s", type=float, default=DEFAULTS["sleep_s"])
+    parser.add_argument("--turn-file", default=None, help="take turns with other systems (see loops.wait_for_turn)")
+    parser.add_argument("--system", default="torchrun", help="this system's name in --turn-file")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where a worker hangs
 
@@ -49,6 +51,8 @@ def main() -> None:
     log = StepLog(args.log_dir, rank, world, f"t{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     log.enter(step)
     while step < log.stop_at(args.steps):
+        if not wait_for_turn(args.turn_file, args.system, step + 1):
+            break
         train_step(model, opt, x)
         step += 1
         started = time.perf_counter()
