@@ -64,7 +64,8 @@ def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
     config: steps, sleep_s (per step), faults (FaultInjector or None, checked before the step),
-    faults_after_step (checked between opt.step() and commit(), with the step being taken), width,
+    faults_after_step (checked between opt.step() and commit(), with the step being taken),
+    faults_at_end (checked after the loop, before returning, with the last step), width,
     first_attempt_env (variables set in the worker while restart_count is 0, removed
     after: a crash hook that must fire once), trace_dir (see `_trace_commit`; a
     `stop_at` file there lowers `steps`, see `_step_limit`).
@@ -111,6 +112,8 @@ def ddp_train(config: dict) -> dict:
         ray_elastic.report({"step": state.step, "loss": loss.item(), "world_size": ctx.world_size})
         if config.get("sleep_s"):
             time.sleep(config["sleep_s"])
+    if config.get("faults_at_end") is not None:
+        config["faults_at_end"].check(state.step)
     return {
         "rank": ctx.rank,
         "context": {k: getattr(ctx, k) for k in (

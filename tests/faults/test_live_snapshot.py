@@ -42,6 +42,26 @@ def test_peer_killed_between_its_step_and_commit_costs_no_step(snapshot, cluster
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
+@pytest.mark.parametrize("where", ["faults_after_step", "faults_at_end"])
+def test_peer_killed_at_the_last_step_while_the_other_waits_for_the_final_agreement(where, cluster, no_leaks, trace):
+    """Rank 0 returns from train_fn and waits for the agreement its last commit started; rank 1 dies before
+    its last commit (rank 0's wait must end by error, not time out) or after it. Either way the run ends
+    with every step committed once, after one restart that restores the last commit and returns at once."""
+    ensure_nodes(cluster, 4)
+    steps = 6
+    kill = FaultInjector(log_path=trace.faults_log).kill_at(rank=1, step=steps)
+    started = time.monotonic()
+    result = ray_elastic.run(
+        ddp_train, config={"steps": steps, where: kill, "trace_dir": str(trace.dir)},
+        min_nodes=2, max_nodes=2, max_restarts=1, snapshot="live", progress="none",
+    )
+    assert [(f.kind, f.rank, f.step) for f in trace.fired()] == [("kill", 1, steps)]
+    check_run(result, steps, restarts=1)
+    assert [c.step for c in trace.commits()] == list(range(1, steps + 1)), "the last commit was kept, not redone"
+    assert time.monotonic() - started < 60, "no wait ran into a collective timeout"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
 def test_live_snapshot_survives_a_sigkill_and_hands_its_state_to_the_newcomer(cluster, no_leaks, trace, tmp_path):
     ensure_nodes(cluster, 3)
     name = f"live-kill-{time.time_ns()}"
