@@ -256,7 +256,7 @@ def machine_line() -> str:
 
 
 class StealMeter:
-    """Share of CPU time the hypervisor gave to other guests (Linux "steal") between start() and percent().
+    """Share of CPU time the hypervisor gave to other guests (Linux "steal") since this meter was made.
 
     On a shared virtual machine this is the noise no interleaving removes; a run
     with a high share measured a slower machine.
