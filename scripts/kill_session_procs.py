@@ -1,0 +1,39 @@
+"""Kill every process that carries this test session's marker in its environment (Ray daemons included).
+
+scripts/test.sh exports RAY_ELASTIC_TEST_SESSION=<random>; every process the suite starts, Ray's
+raylets and GCS among them, inherits it. Unlike `ray stop --force`, this leaves alone every Ray on
+the machine that the suite did not start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import psutil
+
+
+def main(marker: str) -> int:
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get("RAY_ELASTIC_TEST_SESSION") == marker:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    for proc in found:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(found, timeout=5)
+    if found:
+        print(f"kill_session_procs: killed {len(found)} leftover process(es) of this test session", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]) if len(sys.argv) == 2 and sys.argv[1] else 2)
