@@ -139,8 +139,10 @@ def _load_weights_only(data: bytes, path: Path, safe_globals: tuple) -> dict[str
         with context:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        reason = (lines or str(exc).splitlines() or ["?"])[0].removeprefix("WeightsUnpickler error: ")
         raise ConfigError(
-            f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({str(exc).splitlines()[0]}"
+            f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({reason[:300]}"
             f"). Keep plain values (tensors, numbers, strings, lists, dicts) in State, or, for types you trust, "
             f"call torch.serialization.add_safe_globals([...]) before ray_elastic.run."
         ) from exc

@@ -3,11 +3,12 @@
 A fresh HOME (no ~/.ray): the README's set-up runs the quickstart (a local `ray.init()`,
 which writes ~/.ray/auth_token), then the job-submit section's commands run as written,
 in one shell. Only what keeps this cluster from meeting others on the machine is added:
-`ray start` gets its own ports, temp dir and node IP, and the dashboard port in the
-submit address follows. The same head (token authentication on, as the README leaves it)
-then serves the checks of `run()` and `ray-elastic run --address` with no token, a wrong
-one and the right one. Teardown kills exactly the processes that carry this HOME in their
-environment, never `ray stop` (which would stop every Ray on the machine).
+the quickstart runs with RAY_ADDRESS=local, `ray start` gets its own ports, temp dir and
+node IP, and the dashboard port in the submit address follows. The same head (token
+authentication on, as the README leaves it) then serves the checks of `run()` and
+`ray-elastic run --address` with no token, a wrong one and the right one. Teardown kills
+exactly the processes that carry this HOME in their environment, never `ray stop`
+(which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def readme_head(clusters) -> Iterator[ReadmeMachine]:
     root = Path(tempfile.mkdtemp(prefix="rejs", dir="/tmp"))  # short: Ray's socket paths must fit
     machine = ReadmeMachine(root)
     try:
-        quick = machine.shell("python examples/quickstart.py", timeout_s=240)
+        # RAY_ADDRESS=local: a fresh local Ray, as on the reader's machine, not whichever cluster another
+        # test on this shared machine started last (ray.init() joins that one otherwise).
+        quick = machine.shell("python examples/quickstart.py", timeout_s=240,
+                              env=dict(machine.env, RAY_ADDRESS="local"))
         assert quick.returncode == 0, (quick.stdout + quick.stderr)[-4000:]
         assert (machine.home / ".ray" / "auth_token").is_file(), "the quickstart's ray.init() writes the token"
         setup = [c for c in machine.commands if not c.startswith("ray job submit")]
