@@ -109,3 +109,14 @@ def test_a_users_gloo_interface_is_left_alone(monkeypatch):
     # ...but a value this worker pinned itself follows the next round's address.
     monkeypatch.setenv(GLOO_IFNAME_ENV, "lo")
     assert pin_gloo_interface("127.0.0.1", "lo") == "lo"
+
+
+def test_round_store_on_a_node_ip_this_machine_lacks_listens_everywhere_and_says_so(caplog):
+    """A NAT'd --node-ip-address cannot be bound: the one case of a wildcard, logged as an error."""
+    store = RoundStore("198.51.100.7", timeout_s=5)  # TEST-NET-2: never an address of this machine
+    assert _listening(store.port) == ["0.0.0.0"]
+    assert "is not an address of this machine" in caplog.text and "--node-ip-address" in caplog.text
+    client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=datetime.timedelta(seconds=5))
+    client.set("k", "v")
+    del client
+    store.close()
