@@ -13,6 +13,13 @@ rename. A crash at any point leaves either a temporary directory or a
 checkpoint without a manifest, both ignored by `load_latest` and removed by the
 next save; the previous complete checkpoint stays the newest one loaded.
 
+Nothing from storage is trusted blindly: the run directory and its files are
+owner-only and never written through a link (`safepath`), a state file is
+unpickled only after its sha256 matches the manifest, and then only with
+`torch.load(weights_only=True)` (plus the types the driver allowed with
+`torch.serialization.add_safe_globals`); `resume=True` checks the newest
+checkpoint before any actor starts (`verify_newest`).
+
 Only rank 0 writes: under data parallelism the committed state is replicated.
 State that is sharded across ranks (FSDP, tensor parallel) needs every rank to
 write its shard; `torch.distributed.checkpoint` (``dcp.save``/``dcp.load`` of a
@@ -26,11 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -42,14 +47,20 @@ from typing import IO, Any, cast
 
 import torch
 
+from ray_elastic.checkpoint_checks import (  # noqa: F401 - MANIFEST, STATE_FILE are this module's names too
+    MANIFEST,
+    STATE_FILE,
+    driver_safe_globals,
+    load_weights_only,
+    manifest_mismatch,
+    unsafe_globals,
+)
 from ray_elastic.config import RunConfig
 from ray_elastic.errors import ConfigError, RunNameInUseError
 from ray_elastic.safepath import absolute, check_component, is_link, open_new, private_dir, read_bytes
 
 logger = logging.getLogger("ray_elastic")
 
-MANIFEST = "MANIFEST.json"
-STATE_FILE = "state.pt"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9,})$")
@@ -106,46 +117,6 @@ def _remove_tree(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (path / MANIFEST).unlink()
     shutil.rmtree(path, ignore_errors=True)
-
-
-_CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _driver_safe_globals() -> tuple:
-    """What the driver allowed for weights_only loading, handed to every worker with the checkpointer."""
-    get = getattr(torch.serialization, "get_safe_globals", None)
-    return tuple(get()) if get is not None else ()
-
-
-def _unsafe_globals(state_file: Path, safe_globals: tuple) -> list[str]:
-    """Globals in a torch.save file that weights_only loading would refuse (a static scan, nothing is run)."""
-    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    allow = getattr(torch.serialization, "safe_globals", None)
-    if scan is None or allow is None:  # torch < 2.5: the load itself reports them
-        return []
-    with allow(list(safe_globals)):
-        return list(scan(io.BytesIO(read_bytes(state_file))))
-
-
-def _load_weights_only(data: bytes, path: Path, safe_globals: tuple) -> dict[str, Any]:
-    """Unpickle a verified state file with torch.load(weights_only=True): no code runs while loading.
-
-    Raises:
-        ConfigError: it holds objects outside the weights_only allowlist, saying how to allow them.
-    """
-    allow = getattr(torch.serialization, "safe_globals", None)
-    context = allow(list(safe_globals)) if allow is not None and safe_globals else contextlib.nullcontext()
-    try:
-        with context:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-        reason = (lines or str(exc).splitlines() or ["?"])[0].removeprefix("WeightsUnpickler error: ")
-        raise ConfigError(
-            f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({reason[:300]}"
-            f"). Keep plain values (tensors, numbers, strings, lists, dicts) in State, or, for types you trust, "
-            f"call torch.serialization.add_safe_globals([...]) before ray_elastic.run."
-        ) from exc
 
 
 class Checkpointer:
@@ -205,7 +176,7 @@ class Checkpointer:
                 f"you can write to (on a filesystem every node sees), or fix its permissions."
             ) from exc
         checkpointer = cls(run_dir, every=config.checkpoint_every, keep=config.keep_checkpoints,
-                           safe_globals=_driver_safe_globals())
+                           safe_globals=driver_safe_globals())
         existing = checkpointer.complete_checkpoints()
         if existing and not config.resume:
             raise RunNameInUseError(
@@ -238,14 +209,14 @@ class Checkpointer:
         if not claimed:
             return None
         path = claimed[-1]
-        problem = self._mismatch(path)
+        problem = manifest_mismatch(path, _commit_id_of(path))
         if problem is not None:
             raise ConfigError(
                 f"resume=True: checkpoint {path} does not match its manifest ({problem}); it changed after it "
                 f"was written (corruption, or someone else wrote there), so it is not loaded. Inspect it, then "
                 f"move it out of {self.run_dir} to resume from the previous checkpoint."
             )
-        unsafe = _unsafe_globals(path / STATE_FILE, self.safe_globals)
+        unsafe = unsafe_globals(path / STATE_FILE, self.safe_globals)
         if unsafe:
             raise ConfigError(
                 f"resume=True: checkpoint {path} holds objects that torch.load(weights_only=True) refuses: "
@@ -253,30 +224,6 @@ class Checkpointer:
                 f"torch.serialization.add_safe_globals([...those classes or functions...])."
             )
         return path
-
-    def _mismatch(self, path: Path) -> str | None:
-        """Why checkpoint `path` does not match its manifest, or None when it does (every file's size and sha256)."""
-        if is_link(path):
-            return "it is a symbolic link"
-        try:
-            manifest = json.loads(read_bytes(path / MANIFEST))
-        except (OSError, ValueError) as exc:
-            return f"the manifest cannot be read: {exc}"
-        if not isinstance(manifest, dict) or manifest.get("commit_id") != _commit_id_of(path):
-            return f"the manifest names commit {manifest.get('commit_id') if isinstance(manifest, dict) else None}"
-        files = manifest.get("files")
-        if not isinstance(files, dict) or STATE_FILE not in files:
-            return f"the manifest lists no {STATE_FILE}"
-        for file_name, entry in files.items():
-            if not _CHECKPOINT_FILE.match(str(file_name)) or not isinstance(entry, dict):
-                return f"the manifest lists {file_name!r}"
-            try:
-                data = read_bytes(path / file_name)
-            except OSError as exc:
-                return f"{file_name} cannot be read: {exc}"
-            if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                return f"{file_name} has a different size or sha256"
-        return None
 
     # -- reading -------------------------------------------------------------------------------
     def _read_manifest(self, path: Path) -> dict[str, Any] | None:
@@ -324,7 +271,7 @@ class Checkpointer:
                 logger.error("checkpoint %s does not match its manifest checksum; not loading it, trying an older "
                              "one", path)
                 continue
-            payload = _load_weights_only(data, path, self.safe_globals)
+            payload = load_weights_only(data, path, self.safe_globals)
             logger.info("loaded checkpoint %s (step %s)", path, manifest.get("step"))
             return payload
         return None
