@@ -36,7 +36,7 @@ STRANGER = textwrap.dedent(
     import datetime, json, os, socket, struct, sys, threading, time
     import psutil, torch.distributed as dist
 
-    pid_file, out_file, stop_file, external_ip = sys.argv[1:5]
+    pid_file, out_file, stop_file, hits_file, external_ip = sys.argv[1:6]
     trap = socket.socket(); trap.bind(("127.0.0.1", 0)); trap.listen(64)
     trap_port = trap.getsockname()[1]
     dialled = []
@@ -91,6 +91,9 @@ STRANGER = textwrap.dedent(
                 continue
             try:
                 store.multi_set(keys, values)
+                if port not in writes:
+                    with open(hits_file, "a") as hits:  # the harness waits for this before ending the round
+                        hits.write(f"{port}\n")
                 writes[port] = writes.get(port, 0) + 1
             except Exception:
                 stores[port] = None  # the round ended and its store closed
@@ -126,6 +129,10 @@ def _steps_in_round(trace_dir: Path, round_id: int) -> int:
     return sum(1 for line in log.read_text().splitlines() if line.split()[3:4] == [str(round_id)])
 
 
+def _stores_hit(hits: Path) -> int:
+    return len(hits.read_text().split()) if hits.exists() else 0
+
+
 def _wait(condition, what: str, run: BackgroundRun, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -136,10 +143,10 @@ def _wait(condition, what: str, run: BackgroundRun, timeout_s: float = 90.0) -> 
 
 def test_no_wildcard_listener_and_a_stranger_on_the_store_changes_nothing(cluster, no_leaks, tmp_path):
     cluster.resize(2)
-    files = {name: tmp_path / name for name in ("pid", "out", "stop")}
+    files = {name: tmp_path / name for name in ("pid", "out", "stop", "hits")}
     external_ip = _external_ipv4()
     stranger = subprocess.Popen(
-        [sys.executable, "-c", STRANGER, *(str(files[n]) for n in ("pid", "out", "stop")), external_ip],
+        [sys.executable, "-c", STRANGER, *(str(files[n]) for n in ("pid", "out", "stop", "hits")), external_ip],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -159,9 +166,11 @@ def test_no_wildcard_listener_and_a_stranger_on_the_store_changes_nothing(cluste
         coordinator = next(a for a in _run_actors("Coordinator") if a.get("Name") == coordinator_name(name))
         files["pid"].write_text(f"{coordinator['Pid']} {coordinator['Address']['Port']}")
         _wait(lambda: _steps_in_round(trace, 0) >= 3, "steps in round 0", run)
-        for round_id in (1, 2):  # two fresh stores, each attacked from its first moment
+        for round_id in (1, 2):  # two more fresh stores, each attacked from its first moment
+            _wait(lambda r=round_id: _stores_hit(files["hits"]) >= r, f"the stranger in store {round_id}", run)
             request_fault(str(triggers), "raise", 1)
             _wait(lambda r=round_id: _steps_in_round(trace, r) >= 3, f"steps in round {round_id}", run)
+        _wait(lambda: _stores_hit(files["hits"]) >= 3, "the stranger in store 3", run)
         workers = _run_actors("ElasticWorker")
         assert len(workers) == 2, workers
         seen = {f"worker pid {a['Pid']}": (a["Address"]["Port"], _listeners(a["Pid"])) for a in workers}
