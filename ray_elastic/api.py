@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_elastic.cluster_auth import check_cluster_access
 from ray_elastic.config import RunConfig, validate
 from ray_elastic.coordinator.actor import Coordinator
 from ray_elastic.coordinator.controller import RunSummary
@@ -101,7 +102,11 @@ def _connect(ray_address: str | None) -> None:
     address = ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        check_cluster_access(address)  # a missing or wrong Ray token: ConfigError now, not a 20 s retry
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ray.exceptions.AuthenticationError as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
     else:
         ray.init(runtime_env=env, include_dashboard=False)
 

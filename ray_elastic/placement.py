@@ -22,11 +22,12 @@ class NodeInfo:
     node_id: str
     resources: Mapping[str, float]
     alive: bool
+    address: str = ""  # the node IP Ray reports
 
 
 def cluster_nodes() -> list[NodeInfo]:
     return [
-        NodeInfo(n["NodeID"], dict(n.get("Resources", {})), bool(n.get("Alive")))
+        NodeInfo(n["NodeID"], dict(n.get("Resources", {})), bool(n.get("Alive")), str(n.get("NodeManagerAddress", "")))
         for n in ray.nodes()
     ]
 

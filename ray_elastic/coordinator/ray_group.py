@@ -28,6 +28,7 @@ from ray_elastic.coordinator.types import (
     RoundSpec,
     WorkerOutcome,
 )
+from ray_elastic.netbind import listen_host, round_secret
 from ray_elastic.placement import cluster_nodes, fits, pinned_group
 from ray_elastic.store import RoundStore
 from ray_elastic.worker.actor import ElasticWorker
@@ -65,6 +66,7 @@ class _Node:
     slots: list[_Slot | None] = field(default_factory=list)
     generation: int = 0
     created: float = 0.0
+    ip: str = ""  # the node IP Ray reports
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -124,7 +126,7 @@ class RayWorkerGroup(WorkerGroup):
             pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
                               name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
             self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
-                                        created=now)
+                                        created=now, ip=infos[node_id].address)
         self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
         self._advance_startups()
 
@@ -212,13 +214,16 @@ class RayWorkerGroup(WorkerGroup):
     def start_round(self, plan: RoundPlan) -> None:
         if self.store is not None:
             self.store.close()
-        self.store = RoundStore(self.store_host)
+        assignments = plan.assignments()
+        worker_ips = [self.nodes[a.node_id].ip if a.node_id in self.nodes else "" for a in assignments]
+        self.store = RoundStore(listen_host(self.store_host, worker_ips))
+        secret = round_secret()  # every key of the round lives under it; it travels only in Ray calls
         self.round_id = plan.round_id
         self._round_refs.clear()
         self._probe_refs.clear()
         self._acked.clear()  # reports are numbered per round
         self._members = plan.worker_ids
-        for a in plan.assignments():
+        for a, ip in zip(assignments, worker_ips):
             slot = self._slot(a.worker_id)
             node = self.nodes.get(a.node_id)
             if slot is None or node is None:
@@ -226,7 +231,8 @@ class RayWorkerGroup(WorkerGroup):
             slot.status = BUSY
             node_gpus = sorted({g for s in node.slots if s is not None for g in s.gpu_ids}, key=_gpu_order)
             spec = RoundSpec(a, plan.round_id, plan.restart_count, self.store.host, self.store.port,
-                             self.config.max_restarts, tuple(node_gpus), slot.gpu_ids)
+                             self.config.max_restarts, tuple(node_gpus), slot.gpu_ids, store_prefix=secret,
+                             bind_host=listen_host(ip, worker_ips) if ip else "")
             self._round_refs[slot.actor.run_round.remote(spec)] = a.worker_id
 
     def wait(self, timeout_s: float) -> list[WorkerOutcome]:

@@ -18,6 +18,7 @@ from typing import Any
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, WorkerOutcome
+from ray_elastic.netbind import pin_gloo_interface
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
 from ray_elastic.worker.process_group import GroupHandle, is_communication_error
@@ -41,6 +42,12 @@ def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
         "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
         "TORCHELASTIC_RUN_ID": run_id,
     }
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 class ElasticWorker:
@@ -83,6 +90,7 @@ class ElasticWorker:
         self._session: Session | None = None
         self._stop = threading.Event()
         self._aborted: set[int] = set()
+        self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
 
     # -- control path ------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
@@ -148,6 +156,7 @@ class ElasticWorker:
             self._round_id = spec.round_id
             self._stop.clear()
         os.environ.update(torchrun_env(spec, self.config.run_id))
+        self._gloo_ifname = pin_gloo_interface(spec.bind_host or _node_ip(), self._gloo_ifname)
         device = self._device(spec)
         if device.type == "cuda" and self.config.worker_backend == "nccl":
             import torch
@@ -179,8 +188,7 @@ class ElasticWorker:
             )
             group = None if not self.config.init_process_group else GroupHandle(
                 self.config.worker_backend,
-                dist.PrefixStore(f"round{spec.round_id}", store),
-                spec.store_port,
+                dist.PrefixStore(f"{spec.store_prefix}/round{spec.round_id}", store),
                 a.rank,
                 a.world_size,
                 self.config.collective_timeout_s,
