@@ -212,7 +212,7 @@ class RayWorkerGroup(WorkerGroup):
     def start_round(self, plan: RoundPlan) -> None:
         if self.store is not None:
             self.store.close()
-        self.store = RoundStore(self.store_host)
+        self.store = RoundStore(self.store_host, port=self.config.store_port)
         self.round_id = plan.round_id
         self._round_refs.clear()
         self._probe_refs.clear()
