@@ -29,7 +29,7 @@ from typing import Any
 
 from ray_elastic import cli_args
 from ray_elastic.cli_args import TORCHRUN_FLAGS, check_run_id, given, parse_nnodes, to_int
-from ray_elastic.cli_output import DEFAULT_PREFIX, OutputSpec
+from ray_elastic.cli_output import DEFAULT_PREFIX, OutputSpec, shared_console
 from ray_elastic.errors import ConfigError, FailureInfo, RunAbortedError, TrainingFailedError
 from ray_elastic.launcher import ScriptSpec, exit_code_of, pid_of
 
@@ -330,8 +330,9 @@ def execute_local(plan: LaunchPlan) -> int:
     from ray_elastic.progress import LogProgress
 
     assert isinstance(plan.nproc_per_node, int)
-    summary, signum = run_local(run_config(plan, plan.nproc_per_node), plan.script, plan.store_host, plan.signals,
-                                LogProgress())
+    with shared_console() as console:
+        summary, signum = run_local(run_config(plan, plan.nproc_per_node), plan.script, plan.store_host,
+                                    plan.signals, LogProgress(), console=console)
     return _report(plan, summary.error, signum, {NODE_ID: socket.getfqdn()}, plan.nproc_per_node,
                    len(summary.return_values), summary.restarts)
 

@@ -182,7 +182,8 @@ def progress_snapshot(controller: Controller, events_from: int) -> dict[str, Any
 
 
 def run_local(config: RunConfig, spec: ScriptSpec, store_host: str, signals: tuple[int, ...], display: Any,
-              base_env: dict[str, str] | None = None) -> tuple[RunSummary, int | None]:
+              base_env: dict[str, str] | None = None,
+              console: ConsoleSink | None = None) -> tuple[RunSummary, int | None]:
     """Run the script on this machine until the run ends.
 
     Args:
@@ -192,11 +193,12 @@ def run_local(config: RunConfig, spec: ScriptSpec, store_host: str, signals: tup
         signals: signals forwarded to the scripts (each ends the run).
         display: a progress display (`progress.make_progress`).
         base_env: the scripts' environment (default: this process's).
+        console: where the scripts' lines are printed (default: this process's stdout/stderr).
 
     Returns:
         (the run's summary, the signal that ended it or None).
     """
-    group = LocalWorkerGroup(config, spec, store_host, dict(os.environ if base_env is None else base_env))
+    group = LocalWorkerGroup(config, spec, store_host, dict(os.environ if base_env is None else base_env), console)
     controller = Controller(config, group, EventLog(config.run_id, config.event_log_path), poll_s=0.05)
     received: list[int] = []
 

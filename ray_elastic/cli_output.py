@@ -95,6 +95,56 @@ class ConsoleSink:
         pass
 
 
+class LineLockedStream:
+    """A text stream that writes whole lines only, under a lock shared with a `ConsoleSink`.
+
+    Installed as sys.stdout/sys.stderr while the CLI runs, so that its own messages (progress
+    lines, Ray's forwarded logs) never land in the middle of a script's line: `print` writes
+    the text and the newline separately. Partial lines are kept per thread until completed.
+    """
+
+    def __init__(self, raw: Any, lock: threading.Lock):
+        self._raw = raw
+        self._lock = lock
+        self._local = threading.local()
+
+    def write(self, text: str) -> int:
+        pending = getattr(self._local, "pending", "") + text
+        head, newline, tail = pending.rpartition("\n")
+        if newline:
+            with self._lock:
+                self._raw.write(head + newline)
+                self._raw.flush()
+        self._local.pending = tail
+        return len(text)
+
+    def flush(self) -> None:
+        pending = getattr(self._local, "pending", "")
+        self._local.pending = ""
+        with self._lock:
+            if pending:
+                self._raw.write(pending)
+            self._raw.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+@contextlib.contextmanager
+def shared_console() -> Any:
+    """While the CLI runs: sys.stdout/sys.stderr write whole lines under one lock; yields the scripts' sink."""
+    lock = threading.Lock()
+    raw = (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = LineLockedStream(raw[0], lock), LineLockedStream(raw[1], lock)  # type: ignore[assignment]
+    try:
+        yield ConsoleSink(lock, raw)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = raw
+
+
 class ChannelSink:
     """Sends lines to the CLI's `OutputServer`; `close()` returns once the CLI has printed them all.
 

@@ -8,6 +8,7 @@ the scripts' lines come back through, and hands `launcher.run_script` to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray_elastic.cli import LaunchPlan, _report, replace_output
-from ray_elastic.cli_output import OutputServer
+from ray_elastic.cli_output import OutputServer, shared_console
 from ray_elastic.errors import ConfigError, RunAbortedError, TrainingFailedError
 from ray_elastic.launcher import run_script
 
@@ -117,6 +118,7 @@ def execute_on_ray(plan: LaunchPlan) -> int:
     server = None
     nproc: int | str = plan.nproc_per_node
     previous = _install(plan.signals)
+    stack = contextlib.ExitStack()
     try:
         owns_ray = _connect(plan)
         use_gpu = plan.use_gpu
@@ -125,7 +127,8 @@ def execute_on_ray(plan: LaunchPlan) -> int:
             use_gpu = use_gpu or gpus
             print(f"ray-elastic: using nproc_per_node={nproc} ({plan.nproc_per_node}, counted on the cluster's "
                   f"nodes)", file=sys.stderr)
-        server = OutputServer(ray.util.get_node_ip_address())
+        console = stack.enter_context(shared_console())
+        server = OutputServer(ray.util.get_node_ip_address(), console)
         plan = replace_output(plan, channel=server.channel)
         result = ray_elastic.run(
             run_script, config=plan.script, name=plan.run_id,
@@ -152,6 +155,7 @@ def execute_on_ray(plan: LaunchPlan) -> int:
             signal.signal(signum, handler)
         if server is not None:
             server.close()
+        stack.close()
         if owns_ray and ray.is_initialized():
             ray.shutdown()
     return _report(plan, None, None, {}, 1, len(result.return_values), result.restarts)

@@ -41,10 +41,25 @@ _EXIT_CODE = re.compile(r"script exited with code (-?\d+)")
 _PID = re.compile(r"script exited with code -?\d+ \(pid (\d+)\)")
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
-# torchrun's --run-path: the script runs through runpy in a fresh interpreter, under @record.
-_RUN_PATH_BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
-                  "from torch.distributed.elastic.multiprocessing.errors import record; "
-                  "record(lambda: runpy.run_path(sys.argv[0], run_name='__main__'))()")
+_DRAIN_S = 30.0
+# torchrun's --run-path: the script runs through runpy in a fresh interpreter, and an exception is
+# recorded in TORCHELASTIC_ERROR_FILE in torch's format, as torch's @record would (without importing torch).
+_RUN_PATH_BOOT = """
+import json, os, runpy, sys, time, traceback
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+except BaseException as exc:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        info = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}
+        with open(path, "w") as fp:
+            json.dump({"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": info}}, fp)
+    raise
+"""
 
 
 @dataclass(frozen=True)
@@ -342,8 +357,11 @@ class ScriptProcess:
                 time.sleep(_POLL_S)
         finally:
             self.kill()
+        # Every line reaches its sink before the outcome is reported: the pipes end once the script's
+        # tree is gone (a descendant that left its process group could hold them: wait boundedly).
+        deadline = time.monotonic() + _DRAIN_S
         for thread in self._pumps:
-            thread.join(timeout=2.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return popen.returncode
 
     def kill(self) -> None:

@@ -8,8 +8,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run"],
@@ -24,16 +22,35 @@ class Launched:
     stderr: str
 
 
+def _env(env: dict[str, str] | None) -> dict[str, str]:
+    """A clean environment: no PET_ variables, no Ray address; a sentinel every script checks."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PET_") and k != "RAY_ADDRESS"}
+    base["LAUNCHER_TEST_SENTINEL"] = "parent"
+    return {**base, **(env or {})}
+
+
 def launch(launcher: str, args: list[str], cwd: Path, env: dict[str, str] | None = None,
            timeout_s: float = 120) -> Launched:
-    """Run a launcher to its end, with a clean environment: no PET_ variables, no Ray address."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PET_") and k != "RAY_ADDRESS"}
-    base["LAUNCHER_TEST_SENTINEL"] = "parent"  # every script checks it reached them
-    proc = subprocess.run([*LAUNCHERS[launcher], *args], cwd=cwd, env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout_s)
+    """Run a launcher to its end."""
+    proc = subprocess.run([*LAUNCHERS[launcher], *args], cwd=cwd, env=_env(env), capture_output=True, text=True,
+                          timeout=timeout_s)
     return Launched(proc.returncode, proc.stdout, proc.stderr)
 
 
-@pytest.fixture(params=sorted(LAUNCHERS))
-def launcher(request: pytest.FixtureRequest) -> str:
-    return request.param
+def launch_both(runs: dict[str, tuple[list[str], Path, dict[str, str]]], timeout_s: float = 120) -> dict[str, Launched]:
+    """Run several launchers at the same time (each with its own arguments, directory and environment)."""
+    procs = {}
+    for name, (args, cwd, env) in runs.items():
+        procs[name] = subprocess.Popen([*LAUNCHERS[name], *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    results = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout_s)
+            results[name] = Launched(proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

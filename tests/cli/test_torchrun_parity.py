@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import SCRIPTS, Launched, launch
+from tests.cli.conftest import LAUNCHERS, SCRIPTS, Launched, launch_both
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -120,26 +120,36 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_scenario_passes_under_both_launchers(name: str, launcher: str, tmp_path: Path) -> None:
+def test_scenario_passes_under_both_launchers(name: str, tmp_path: Path) -> None:
+    """The same scenario through torchrun and ray-elastic run, side by side (each in its own directory)."""
     scenario = SCENARIOS[name]
-    touched = tmp_path / "touched"
-    touched.mkdir()
-    values = {"dir": str(touched), "tmp": str(tmp_path), "port": str(_free_port()), "run_id": uuid.uuid4().hex}
+    runs, dirs = {}, {}
+    for launcher in LAUNCHERS:
+        tmp = tmp_path / launcher
+        (tmp / "touched").mkdir(parents=True)
+        values = {"dir": str(tmp / "touched"), "tmp": str(tmp), "port": str(_free_port()),
+                  "run_id": uuid.uuid4().hex}
 
-    def fill(text: str) -> str:
-        for key, value in values.items():
-            text = text.replace("{" + key + "}", value)
-        return text
+        def fill(text: str, values: dict[str, str] = values) -> str:
+            for key, value in values.items():
+                text = text.replace("{" + key + "}", value)
+            return text
 
-    result = launch(launcher, [fill(a) for a in scenario.args], tmp_path,
-                    {k: fill(v) for k, v in scenario.env.items()})
-    files = sorted(os.listdir(touched))
+        runs[launcher] = ([fill(a) for a in scenario.args], tmp, {k: fill(v) for k, v in scenario.env.items()})
+        dirs[launcher] = tmp
+    for launcher, result in launch_both(runs).items():
+        check(scenario, launcher, result, dirs[launcher])
+
+
+def check(scenario: Scenario, launcher: str, result: Launched, tmp: Path) -> None:
+    files = sorted(os.listdir(tmp / "touched"))
+    where = f"{launcher}: rc={result.returncode}\n{result.stderr[-3000:]}"
     if scenario.check is not None:
-        scenario.check(result, tmp_path)
+        scenario.check(result, tmp)
     if scenario.ranks is None:
-        assert result.returncode != 0 and not files, (result.returncode, result.stderr[-2000:])
+        assert result.returncode != 0 and not files, where
         return
     expected = scenario.ranks() if callable(scenario.ranks) else scenario.ranks
     if scenario.check is None:
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert files == sorted(str(r) for r in range(expected)), (files, result.stderr[-2000:])
+        assert result.returncode == 0, where
+    assert files == sorted(str(r) for r in range(expected)), (files, where)
