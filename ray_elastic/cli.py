@@ -189,7 +189,7 @@ def plan_launch(args: argparse.Namespace, env: Mapping[str, str] | None = None,
     if args.numa_binding and local and "gpu" not in str(args.nproc_per_node) and not _has_gpu():
         notes.append(f"ignoring --numa-binding={args.numa_binding}: this machine has no GPU to bind near")
     store_port = 0 if args.master_port in (None, "") else to_int("--master-port", args.master_port, 1)
-    if store_port and local:
+    if store_port:  # the store is on this machine: local runs, and the coordinator sits on the driver's node
         _check_port_free(store_port)
     output = OutputSpec(
         prefix_template=env.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE") or DEFAULT_PREFIX,

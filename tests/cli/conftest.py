@@ -15,6 +15,20 @@ LAUNCHERS = {
 }
 
 
+LINES = 300  # lines scripts/lines.py prints per rank and attempt in the output tests
+
+
+def expected_lines(stream: str, rank: int, attempt: int) -> list[str]:
+    """What scripts/lines.py prints on one stream ("out" or "err") for one rank and attempt, in order."""
+    numbered = range(LINES) if stream == "out" else range(0, LINES, 10)
+    return [f"{stream} r{rank} a{attempt} {i}" for i in numbered] + [f"{stream} r{rank} a{attempt} last"]
+
+
+def lines_of(text: str, prefix: str) -> list[str]:
+    """The lines of `text` that carry `prefix`, without it."""
+    return [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
+
+
 @dataclass
 class Launched:
     returncode: int

@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import SCRIPTS, launch
+from tests.cli.conftest import LINES, SCRIPTS, expected_lines, launch, lines_of
 
 pytestmark = pytest.mark.timeout(170)
-
-LINES = 300
-
-
-def expected_lines(stream: str, rank: int, attempt: int) -> list[str]:
-    numbered = range(LINES) if stream == "out" else range(0, LINES, 10)
-    return [f"{stream} r{rank} a{attempt} {i}" for i in numbered] + [f"{stream} r{rank} a{attempt} last"]
-
-
-def lines_of(text: str, prefix: str) -> list[str]:
-    return [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
 
 
 def test_twenty_runs_lose_no_line(tmp_path: Path):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import SCRIPTS
-from tests.cli.test_console_output import LINES, expected_lines, lines_of
+from tests.cli.conftest import LINES, SCRIPTS, expected_lines, lines_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
