@@ -13,21 +13,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray_elastic.cli import LaunchPlan, _report, replace_output
 from ray_elastic.cli_output import OutputServer, shared_console
 from ray_elastic.errors import ConfigError, RunAbortedError, TrainingFailedError
 from ray_elastic.launcher import run_script
-
-
-class Signalled(BaseException):
-    """The launcher got one of --signals-to-handle: the run is aborted (its scripts get SIGTERM)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 def cluster_nproc(spec: str, nodes: list[Mapping[str, Any]]) -> tuple[int, bool]:
@@ -92,9 +84,12 @@ def _hosts() -> dict[str, str]:
         return {}
 
 
-def _install(signals: tuple[int, ...]) -> dict[int, Any]:
+def _install(signals: tuple[int, ...], received: list[int]) -> dict[int, Any]:
+    """Record the handled signals the CLI gets (the run is aborted from the main loop, not the handler:
+    an exception raised inside Ray's own waits breaks them)."""
+
     def handler(signum: int, _frame: Any) -> None:
-        raise Signalled(signum)
+        received.append(signum)
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is not threading.main_thread():
@@ -107,6 +102,44 @@ def _install(signals: tuple[int, ...]) -> dict[int, Any]:
     return previous
 
 
+def _run_until_signalled(plan: LaunchPlan, run: Callable[[], Any], received: list[int]) -> Any:
+    """Run `run()` in a thread; on a handled signal, abort the run (its scripts get SIGTERM) and wait for it.
+
+    Returns:
+        run()'s result.
+
+    Raises:
+        whatever run() raised (RunAbortedError after a signal).
+    """
+    import ray
+
+    from ray_elastic.api import coordinator_name
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+
+    runner = threading.Thread(target=target, name="ray_elastic-cli-run", daemon=True)
+    runner.start()
+    aborted = False
+    while runner.is_alive():
+        runner.join(0.1)
+        if received and not aborted:
+            try:  # the coordinator may not exist yet: try again on the next turn
+                ray.get_actor(coordinator_name(plan.run_id)).abort.remote(
+                    f"the launcher got {signal.Signals(received[0]).name}")
+                aborted = True
+            except ValueError:
+                continue
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def execute_on_ray(plan: LaunchPlan) -> int:
     """Run the plan on Ray; the process exit code."""
     import ray
@@ -117,10 +150,12 @@ def execute_on_ray(plan: LaunchPlan) -> int:
     owns_ray = False
     server = None
     nproc: int | str = plan.nproc_per_node
-    previous = _install(plan.signals)
+    received: list[int] = []
+    previous: dict[int, Any] = {}
     stack = contextlib.ExitStack()
     try:
         owns_ray = _connect(plan)
+        previous = _install(plan.signals, received)  # after ray.init, which sets handlers of its own
         use_gpu = plan.use_gpu
         if isinstance(nproc, str):
             nproc, gpus = cluster_nproc(nproc, ray.nodes())
@@ -130,26 +165,25 @@ def execute_on_ray(plan: LaunchPlan) -> int:
         console = stack.enter_context(shared_console())
         server = OutputServer(ray.util.get_node_ip_address(), console)
         plan = replace_output(plan, channel=server.channel)
-        result = ray_elastic.run(
-            run_script, config=plan.script, name=plan.run_id,
-            min_nodes=plan.min_nodes, max_nodes=plan.max_nodes, nproc_per_node=nproc,
-            max_restarts=plan.max_restarts, use_gpu=use_gpu,
+        script, per_node, gpu = plan.script, nproc, use_gpu
+        result = _run_until_signalled(plan, lambda: ray_elastic.run(
+            run_script, config=script, name=plan.run_id,
+            min_nodes=plan.min_nodes, max_nodes=plan.max_nodes, nproc_per_node=per_node,
+            max_restarts=plan.max_restarts, use_gpu=gpu,
             wait_for_nodes_timeout_s=plan.wait_for_nodes_timeout_s,
             hang_timeout_s=None,  # scripts do not report progress; torchrun has no hang watchdog either
             abort_timeout_s=plan.abort_timeout_s,
             init_process_group=False, warmup_modules=(),  # the scripts run in subprocesses
             progress="log", store_port=plan.store_port,
-        )
+        ), received)
     except ConfigError as exc:
         print(f"ray-elastic run: error: {exc}", file=sys.stderr)
         return 2
     except TrainingFailedError as exc:
         hosts = _hosts()
         return _report(plan, exc, None, hosts, nproc if isinstance(nproc, int) else 1, 0, exc.restarts)
-    except Signalled as exc:
-        return _report(plan, None, exc.signum, {}, 1, 0, 0)
     except (RunAbortedError, KeyboardInterrupt):
-        return _report(plan, RunAbortedError("interrupted"), None, {}, 1, 0, 0)
+        return _report(plan, RunAbortedError("interrupted"), received[0] if received else None, {}, 1, 0, 0)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

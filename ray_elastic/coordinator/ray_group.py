@@ -314,6 +314,8 @@ class RayWorkerGroup(WorkerGroup):
         return sorted(self._pids)
 
     def shutdown(self) -> None:
+        if self._round_refs:  # an aborted run: members leave their round first (the CLI's scripts: their grace)
+            ray.wait(list(self._round_refs), num_returns=len(self._round_refs), timeout=self.config.abort_timeout_s)
         for node_id in list(self.nodes):
             self._drop_node(node_id)
         self._express_demand(0)

@@ -55,3 +55,31 @@ def test_a_ray_started_by_the_cli_runs_more_scripts_than_cpus(no_shared_cluster,
                           env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(os.listdir(touched), key=int) == [str(r) for r in range(nproc)]
+
+
+def test_a_signal_to_the_cli_reaches_every_script_on_a_cluster(cluster, no_leaks, tmp_path):
+    """--signals-to-handle on Ray: the run is aborted, every script gets SIGTERM and --shutdown-timeout
+    to leave (these ignore it: SIGKILL after 2 s); the CLI exits 128+N."""
+    import signal
+    import time
+
+    cluster.resize(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", "--nproc-per-node=2", "--signals-to-handle=SIGTERM,SIGUSR1", "--shutdown-timeout=2",
+            str(SCRIPTS / "signals.py"), str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "ray_elastic", *argv], env=_env(RAY_ADDRESS=cluster.address),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "0-up").exists() and (out / "1-up").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the scripts did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert (out / "0-SIGTERM").exists() and (out / "1-SIGTERM").exists(), sorted(p.name for p in out.iterdir())
+    no_leaks()
