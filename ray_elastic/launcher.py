@@ -14,34 +14,27 @@ worker actor on a Ray cluster) and the local worker group (`cli_local.py`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-import psutil
+from typing import Any
 
 from ray_elastic.cli_output import STDERR, STDOUT, ChannelSink, ConsoleSink, OutputSpec
 from ray_elastic.context import get_session
+from ray_elastic.script_process import ScriptProcess, StreamRoute, signal_tree
 
-STDERR_TAIL_LINES = 60
+__all__ = ["RankPlace", "RankRun", "RoundInterrupted", "RoundStopped", "ScriptFailedError", "ScriptProcess",
+           "ScriptSpec", "exit_code_of", "pid_of", "run_script", "script_env", "script_failure", "signal_tree"]
+
 _EXIT_CODE = re.compile(r"script exited with code (-?\d+)")
 _PID = re.compile(r"script exited with code -?\d+ \(pid (\d+)\)")
-_PR_SET_PDEATHSIG = 1
-_POLL_S = 0.05
-_DRAIN_S = 30.0
 # torchrun's --run-path: the script runs through runpy in a fresh interpreter, and an exception is
 # recorded in TORCHELASTIC_ERROR_FILE in torch's format, as torch's @record would (without importing torch).
 _RUN_PATH_BOOT = """
@@ -207,174 +200,6 @@ def script_failure(exit_code: int, error_file: str, stderr_tail: list[str],
             killed = f"killed by {signal.Signals(-exit_code).name}"
             summary = killed if recorded is None else f"{killed}; {summary}"
     return ScriptFailedError(exit_code, summary.splitlines()[0][:300] if summary else "", trace, pid)
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn: SIGKILL the child when the thread that started it (the actor) dies."""
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def signal_tree(pid: int, sig: int) -> None:
-    """Send `sig` to a process and all its descendants, children first."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True)[::-1] + [root]
-    except psutil.Error:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-
-
-@dataclass(frozen=True)
-class StreamRoute:
-    """Where one of a script's streams goes besides its log file."""
-
-    prefix: str = ""
-    shown: bool = True
-    filters: tuple[str, ...] = ()
-    filtered_path: Path | None = None
-
-
-def _pump(stream: IO[bytes], which: int, sink: Any, route: StreamRoute, log_path: Path | None,
-          tail: deque[str] | None) -> None:
-    """Copy a pipe line by line to a per-rank file and, prefixed, to the console sink."""
-    with contextlib.ExitStack() as files:
-        log = files.enter_context(open(log_path, "ab")) if log_path else None
-        filtered = files.enter_context(open(route.filtered_path, "ab")) if route.filters and route.filtered_path \
-            else None
-        for raw in iter(stream.readline, b""):
-            if log is not None:
-                log.write(raw)
-                log.flush()
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            if tail is not None:
-                tail.append(line)
-            if filtered is not None and any(needle in line for needle in route.filters):
-                filtered.write(line.encode(errors="replace") + b"\n")
-                filtered.flush()
-            if route.shown:
-                prefix = route.prefix
-                sink.write(which, line if line.startswith(prefix) else f"{prefix}{line}")  # torch prefixes some
-    stream.close()
-
-
-class ScriptProcess:
-    """One script subprocess: started unless already interrupted, streamed, killed on every path.
-
-    Args:
-        argv, env, cwd: the command to run.
-        prefix: prefix of its console lines (used when `routes` is not given).
-        log_dir: where stdout.log/stderr.log go (None: no files).
-        kill_grace_s: after the interrupt signal, SIGKILL follows this much later.
-        sink: console sink (default: this process's stdout/stderr).
-        routes: (stdout route, stderr route): prefix, console or not, duplicate filters.
-    """
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, prefix: str,
-                 log_dir: Path | None, kill_grace_s: float, sink: Any = None,
-                 routes: tuple[StreamRoute, StreamRoute] | None = None):
-        self.argv = argv
-        self.env = env
-        self.cwd = cwd
-        self.log_dir = log_dir
-        self.kill_grace_s = kill_grace_s
-        self.sink = sink or ConsoleSink()
-        self.routes = routes or (StreamRoute(prefix), StreamRoute(prefix))
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.interrupted: str | None = None
-        self._interrupted_at = 0.0
-        self._lock = threading.Lock()
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._pumps: list[threading.Thread] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None else None
-
-    def start(self) -> bool:
-        """Start the script; False if the round was interrupted first."""
-        with self._lock:
-            if self.interrupted is not None:
-                return False
-            self._popen = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
-            )
-        assert self._popen.stdout is not None and self._popen.stderr is not None
-        for stream, which, name, tail in ((self._popen.stdout, STDOUT, "stdout.log", None),
-                                          (self._popen.stderr, STDERR, "stderr.log", self.stderr_tail)):
-            log_path = self.log_dir / name if self.log_dir else None
-            route = self.routes[0] if which == STDOUT else self.routes[1]
-            thread = threading.Thread(target=_pump, args=(stream, which, self.sink, route, log_path, tail),
-                                      daemon=True)
-            thread.start()
-            self._pumps.append(thread)
-        return True
-
-    def _exited(self) -> bool:
-        """The script has already exited (reaped or not)."""
-        popen = self._popen
-        if popen is None or popen.returncode is not None:
-            return popen is not None
-        try:
-            return os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
-        except ChildProcessError:
-            return True
-
-    def interrupt(self, reason: str, sig: int = signal.SIGTERM) -> None:
-        """Session interrupt handler ("abort" or "stop"): signal the tree now, SIGKILL after the grace.
-
-        A script that had already exited on its own is not interrupted: how it ended stands.
-        """
-        with self._lock:
-            if self.interrupted is not None or self._exited():
-                return
-            self.interrupted = reason
-            self._interrupted_at = time.monotonic()
-            popen = self._popen
-        if popen is not None:
-            signal_tree(popen.pid, sig)
-
-    def wait(self) -> int:
-        """Wait for the script to exit, then kill whatever it left in its process group; the exit code."""
-        popen = self._popen
-        assert popen is not None
-        try:
-            # WNOWAIT keeps the exited script unreaped, so its pid (= its group id) cannot be reused
-            # before its group is killed below.
-            while os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-                if self.interrupted is not None and time.monotonic() - self._interrupted_at > self.kill_grace_s:
-                    signal_tree(popen.pid, signal.SIGKILL)
-                time.sleep(_POLL_S)
-        finally:
-            self.kill()
-        # Every line reaches its sink before the outcome is reported: the pipes end once the script's
-        # tree is gone (a descendant that left its process group could hold them: wait boundedly).
-        deadline = time.monotonic() + _DRAIN_S
-        for thread in self._pumps:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        return popen.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the script's tree and process group, then reap it (idempotent)."""
-        popen = self._popen
-        if popen is None:
-            return
-        if popen.returncode is None:
-            signal_tree(popen.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=10)
 
 
 def _rank_dir(spec: ScriptSpec, place: RankPlace) -> tuple[Path, bool]:
