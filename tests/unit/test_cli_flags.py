@@ -208,3 +208,17 @@ def test_failure_report_and_error_file_keep_torchruns_shape(tmp_path):
     data = json.loads(path.read_text())["message"]
     assert data["message"] == "ValueError: bad shard" and data["errorCode"] == 7
     assert data["extraInfo"]["py_callstack"].endswith("ValueError: bad shard") and data["extraInfo"]["timestamp"]
+
+
+def test_script_env_role_signals_and_virtual_local_rank():
+    from ray_elastic.launcher import RankPlace, ScriptSpec, script_env
+
+    place = RankPlace("run", 0, rank=3, local_rank=1, num_nodes=2)
+    spec = ScriptSpec(command=("x.py",), role="trainer", signals_to_handle="SIGTERM,SIGUSR1", virtual_local_rank=True)
+    env = script_env({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}, spec, place, "/tmp/e.json")
+    assert (env["ROLE_NAME"], env["TORCHELASTIC_SIGNALS_TO_HANDLE"], env["GROUP_WORLD_SIZE"]) == (
+        "trainer", "SIGTERM,SIGUSR1", "2")
+    assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"]) == ("0", "5"), "its own GPU as device 0, as torchrun"
+    assert script_env({"LOCAL_RANK": "1"}, spec, place, "e")["CUDA_VISIBLE_DEVICES"] == "1"
+    plain = script_env({"LOCAL_RANK": "1"}, ScriptSpec(command=("x.py",)), place, "e")
+    assert plain["LOCAL_RANK"] == "1" and "CUDA_VISIBLE_DEVICES" not in plain and plain["ROLE_NAME"] == "default"
