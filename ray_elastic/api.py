@@ -141,6 +141,7 @@ def run(
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
     snapshot: str = "copy",
+    store_port: int = 0,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -175,6 +176,8 @@ def run(
             commit cost for them); needs commit() after every optimizer.step() with no collective
             in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
             between optimizer.step() and commit() on every rank at once.
+        store_port: port of every round's store (MASTER_PORT) on the coordinator's node, for
+            scripts that name it (the CLI's --master-port); 0 (default) picks a free port each round.
 
     Returns:
         RunResult of the final round.
@@ -212,6 +215,7 @@ def run(
             # a bare string is kept as is, so that validate() rejects it instead of splitting it into letters
             warmup_modules=warmup_modules if isinstance(warmup_modules, str) else tuple(warmup_modules),  # type: ignore[arg-type]
             snapshot=snapshot,
+            store_port=store_port,
         )
     )
     if progress not in ("auto", "bar", "log", "none"):

@@ -49,6 +49,8 @@ class RunConfig:
     init_process_group: bool = True
     warmup_modules: tuple[str, ...] = ("torch._dynamo",)
     snapshot: str = "copy"
+    # Port of every round's store on the coordinator's node (the CLI's --master-port); 0: a free one.
+    store_port: int = 0
 
     @property
     def worker_backend(self) -> str:
@@ -158,6 +160,9 @@ def validate(config: RunConfig) -> RunConfig:
             f"snapshot must be 'copy' (copy everything at each commit) or 'live' (keep optimizer-owned "
             f"tensors by reference; commit right after optimizer.step()), got {config.snapshot!r}."
         )
+    _require_int("store_port", config.store_port, 0)
+    if config.store_port > 65535:
+        raise ConfigError(f"store_port must be a TCP port (0-65535, 0 for a free one), got {config.store_port}.")
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
     return config

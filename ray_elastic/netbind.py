@@ -82,8 +82,8 @@ def round_secret() -> str:
     return secrets.token_hex(16)
 
 
-def listening_socket(host: str) -> socket.socket:
-    """A TCP socket bound to (host, ephemeral port) and listening; never a wildcard.
+def listening_socket(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket bound to (host, port; 0 for an ephemeral one) and listening; never a wildcard.
 
     Raises:
         ValueError: `host` is a wildcard.
@@ -95,7 +95,7 @@ def listening_socket(host: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
+        sock.bind((host, port))
         sock.listen(512)
     except OSError:
         sock.close()

@@ -16,6 +16,7 @@ import datetime
 import errno
 import logging
 import socket
+import time
 
 import torch.distributed as dist
 
@@ -23,19 +24,34 @@ from ray_elastic.netbind import listening_socket, loopback_for
 
 logger = logging.getLogger("ray_elastic")
 
+_REBIND_S = 10.0  # a fixed port may still be held by the previous round's store for a moment
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); a fixed port is retried while the previous round still holds it."""
+    deadline = time.monotonic() + (_REBIND_S if port else 0.0)
+    while True:
+        try:
+            return listening_socket(host, port)
+        except OSError as exc:
+            if not port or exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
 
 class RoundStore:
-    """A TCPStore server bound to an ephemeral port on `host` (an address of this node, never a wildcard).
+    """A TCPStore server on `host` (an address of this node, never a wildcard), on an ephemeral port or on
+    `port` when one is given (torchrun's --master-port: scripts that name it in `tcp://host:PORT` reach it).
 
     Clients connect to `host`; the one exception is a `host` that is not an address of this
     machine (a NAT'd node IP), where the store logs an error and listens on every interface.
     """
 
-    def __init__(self, host: str, timeout_s: float = 60.0):
+    def __init__(self, host: str, timeout_s: float = 60.0, port: int = 0):
         self.host = host
         local = host  # where this process's own client of the store connects
         try:
-            sock = listening_socket(host)
+            sock = _bind(host, port)
         except OSError as exc:
             if exc.errno != errno.EADDRNOTAVAIL:
                 raise
@@ -43,7 +59,7 @@ class RoundStore:
             # is impossible, and refusing would stop every run here. The one case that binds every interface.
             logger.error("Ray's node IP %s is not an address of this machine; the round store listens on every "
                          "interface. Start Ray with --node-ip-address=<an address of this machine>.", host)
-            sock = socket.create_server(("", 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock = socket.create_server(("", port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
             local = loopback_for(host)
         try:
             self._store: dist.TCPStore | None = dist.TCPStore(

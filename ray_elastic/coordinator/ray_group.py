@@ -216,7 +216,7 @@ class RayWorkerGroup(WorkerGroup):
             self.store.close()
         assignments = plan.assignments()
         worker_ips = [self.nodes[a.node_id].ip if a.node_id in self.nodes else "" for a in assignments]
-        self.store = RoundStore(listen_host(self.store_host, worker_ips))
+        self.store = RoundStore(listen_host(self.store_host, worker_ips), port=self.config.store_port)
         secret = round_secret()  # every key of the round lives under it; it travels only in Ray calls
         self.round_id = plan.round_id
         self._round_refs.clear()
@@ -320,6 +320,8 @@ class RayWorkerGroup(WorkerGroup):
         return sorted(self._pids)
 
     def shutdown(self) -> None:
+        if self._round_refs:  # an aborted run: members leave their round first (the CLI's scripts: their grace)
+            ray.wait(list(self._round_refs), num_returns=len(self._round_refs), timeout=self.config.abort_timeout_s)
         for node_id in list(self.nodes):
             self._drop_node(node_id)
         self._express_demand(0)
