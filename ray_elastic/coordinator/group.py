@@ -7,7 +7,9 @@ and the coordinator-scale benchmark implement it with plain objects.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
+from ray_elastic.coordinator.drain import DrainNotice
 from ray_elastic.coordinator.types import Heartbeat, NodeGroup, RoundPlan, WorkerOutcome
 
 
@@ -49,6 +51,14 @@ class WorkerGroup(abc.ABC):
     @abc.abstractmethod
     def kill(self, worker_ids: list[str], reason: str) -> None:
         """Kill these workers; replacements start where their node is still alive."""
+
+    def drains(self, now: float) -> Mapping[str, DrainNotice]:
+        """Nodes Ray is draining, by node id (polled at most every drain_poll_interval_s).
+
+        Drained nodes are never in `ready_groups()`; their workers outside a round are released.
+        Default: none (groups that cannot see drains).
+        """
+        return {}
 
     def worker_pids(self) -> list[int]:
         """Process ids of every worker the run started (for leak checks)."""

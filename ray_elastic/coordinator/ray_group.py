@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_elastic.config import RunConfig
+from ray_elastic.coordinator.drain import DrainNotice, read_draining_nodes
 from ray_elastic.coordinator.group import WorkerGroup
 from ray_elastic.coordinator.types import (
     Heartbeat,
@@ -96,6 +97,8 @@ class RayWorkerGroup(WorkerGroup):
         self._demand = 0
         self._passed_over: dict[str, float] = {}  # node id -> when a group pending there was moved
         self._acked: dict[str, int] = {}  # worker id -> highest report sequence number passed on
+        self._drains: dict[str, DrainNotice] = {}  # nodes Ray is draining (see coordinator/drain.py)
+        self._drains_polled = float("-inf")
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -110,7 +113,7 @@ class RayWorkerGroup(WorkerGroup):
                 self._drop_node(node_id)
         free = [  # nodes that could hold a node group of this run, not passed over lately
             node_id for node_id, info in sorted(infos.items())
-            if node_id not in self.nodes and info.alive
+            if node_id not in self.nodes and info.alive and node_id not in self._drains
             and now - self._passed_over.get(node_id, float("-inf")) >= PASSED_OVER_S
             and fits(info.resources, self.config.bundle, self.config.nproc_per_node)
         ]
@@ -125,15 +128,36 @@ class RayWorkerGroup(WorkerGroup):
                               name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
             self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
                                         created=now)
+        self._release_drained()
         self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
         self._advance_startups()
 
+    def drains(self, now: float) -> dict[str, DrainNotice]:
+        if now - self._drains_polled >= self.config.drain_poll_interval_s:
+            self._drains_polled = now
+            polled = read_draining_nodes(now)
+            if polled is not None:
+                self._drains = polled
+            self._release_drained()
+        return self._drains
+
+    def _release_drained(self) -> None:
+        """Let drained nodes go: drop every node group Ray is draining that has no worker in a round."""
+        for node_id in [n for n in self.nodes if n in self._drains]:
+            if not any(s is not None and s.status == BUSY for s in self.nodes[node_id].slots):
+                logger.info("releasing drained node %s", node_id[:12])
+                self._drop_node(node_id)
+
     def _express_demand(self, wanted: int) -> None:
-        """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters."""
+        """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters.
+
+        One bundle per node group (all its workers' resources), as a group must fit on one node.
+        """
         if wanted == self._demand:
             return
         self._demand = wanted
-        bundles = [dict(self.config.bundle)] * (wanted * self.config.nproc_per_node)
+        group = {name: amount * self.config.nproc_per_node for name, amount in self.config.bundle.items()}
+        bundles = [group] * wanted
         try:
             request_resources(bundles=bundles)
         except Exception:  # noqa: BLE001 - demand is advisory
@@ -200,12 +224,14 @@ class RayWorkerGroup(WorkerGroup):
             NodeGroup(node.node_id, tuple(s.worker_id for s in node.slots if s is not None))
             for node in self.nodes.values()
             if node.placed and all(s is not None and s.status == READY for s in node.slots)
+            and node.node_id not in self._drains
         ]
 
     def pending_count(self) -> int:
         return sum(
             1 for node in self.nodes.values()
-            if not node.placed or any(s is None or s.status == STARTING for s in node.slots)
+            if (not node.placed or any(s is None or s.status == STARTING for s in node.slots))
+            and node.node_id not in self._drains
         )
 
     # -- rounds --------------------------------------------------------------------------------
