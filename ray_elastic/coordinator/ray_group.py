@@ -99,6 +99,7 @@ class RayWorkerGroup(WorkerGroup):
         self._acked: dict[str, int] = {}  # worker id -> highest report sequence number passed on
         self._drains: dict[str, DrainNotice] = {}  # nodes Ray is draining (see coordinator/drain.py)
         self._drains_polled = float("-inf")
+        self._slot_seq = 0
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -125,7 +126,7 @@ class RayWorkerGroup(WorkerGroup):
             self._passed_over[node_id] = now
         for node_id in free[:max(0, self.config.max_nodes - len(self.nodes))]:
             pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
-                              name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
+                              name=f"ray_elastic-{self.config.run_id}-{node_id}")
             self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
                                         created=now)
         self._release_drained()
@@ -189,8 +190,11 @@ class RayWorkerGroup(WorkerGroup):
                         slot.status = DEAD
 
     def _start_slot(self, node: _Node, index: int) -> _Slot:
+        # Numbered across the whole group: node ids may share their first characters (the autoscaler's
+        # fake provider numbers them at the end), and a node may leave and come back.
         node.generation += 1
-        worker_id = f"{node.node_id[:8]}-{index}-{node.generation}"
+        self._slot_seq += 1
+        worker_id = f"{node.node_id[:8]}-{index}-{self._slot_seq}"
         env = {"OMP_NUM_THREADS": "1"}
         options: dict[str, Any] = {
             "max_concurrency": 4,

@@ -157,6 +157,15 @@ class LocalAutoscalingCluster:
                     found.append(proc)
         return found
 
+    def raylet_pids(self) -> set[int]:
+        """Raylets of this cluster's nodes (Ray processes carry theirs as RAY_RAYLET_PID)."""
+        pids = set()
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if proc.name() == "raylet":
+                    pids.add(proc.pid)
+        return pids
+
     def worker_nodes(self) -> list[dict[str, Any]]:
         """Alive worker nodes as `ray.nodes()` lists them (this process must be connected)."""
         return [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != FAKE_HEAD_NODE_ID
