@@ -197,3 +197,89 @@ def test_row17_two_nodes_drained_at_once_down_to_min_then_below_min_waits(cluste
     # Both notices normally land in one poll: 4 -> 2 at one commit; a poll between them adds a round of 3.
     assert after in ([(2, "drain"), (2, "drain")], [(3, "drain"), (2, "drain"), (2, "drain")]), after
     no_leaks(result.worker_pids, ports=trace.ports())
+
+
+DRAIN_SCRIPT = """
+import json, os, signal, sys, time
+import torch, torch.distributed as dist
+
+out, steps = sys.argv[1], int(sys.argv[2])
+
+def log(name, **record):
+    with open(os.path.join(out, name), "a") as fp:
+        fp.write(json.dumps(record) + "\\n")
+
+def on_sigterm(signum, frame):
+    log("sigterms.jsonl", rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), pid=os.getpid())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, on_sigterm)
+dist.init_process_group("gloo", init_method="env://")
+rank, world = dist.get_rank(), dist.get_world_size()
+saved = os.path.join(out, "step")
+step = int(open(saved).read()) if os.path.exists(saved) else 0
+log("starts.jsonl", rank=rank, world=world, pid=os.getpid(), step=step,
+    restart_count=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
+while step < steps:
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    step += 1
+    if rank == 0:
+        with open(saved + ".tmp", "w") as fp:
+            fp.write(str(step))
+        os.replace(saved + ".tmp", saved)
+        log("steps.jsonl", step=step, world=int(total.item()))
+    dist.barrier()
+    time.sleep(0.1)
+dist.destroy_process_group()
+"""
+
+
+def _jsonl(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_row17_cli_scripts_of_a_drained_node_get_sigterm_and_restart_in_the_smaller_world(cluster, no_leaks,
+                                                                                          tmp_path):
+    """`ray-elastic run`: a drain stops every script with SIGTERM (torchrun's way on a membership change) and
+    restarts them in the world without the drained node; no restart is charged (--max-restarts=0)."""
+    import threading
+
+    from ray_elastic.cli import main
+
+    ensure_nodes(cluster, 2)
+    script, out = tmp_path / "train.py", tmp_path / "out"
+    script.write_text(DRAIN_SCRIPT)
+    out.mkdir()
+    steps = 60
+    argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(script), str(out), str(steps)]
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(rc=main(argv)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while len([s for s in _jsonl(out / "steps.jsonl") if s["world"] == 4]) < 5:
+        assert thread.is_alive() and time.monotonic() < deadline, "the scripts did not train at world size 4"
+        time.sleep(0.1)
+    victim = cluster.nodes[-1]
+    watch = DeathWatch(_raylet_pid(victim))
+    drained_at = time.time()
+    assert cluster.drain_node(victim, deadline_s=15)[0]
+    gone_at = watch.wait(timeout_s=15)
+    _kill_at(cluster, victim, drained_at + 15, watch)
+    thread.join(300)
+    assert box.get("rc") == 0, "a drain spends no restart (--max-restarts=0)"
+    starts = _jsonl(out / "starts.jsonl")
+    assert sorted(s["world"] for s in starts) == [2, 2, 4, 4, 4, 4], starts
+    assert all(s["restart_count"] == 0 for s in starts), "TORCHELASTIC_RESTART_COUNT unchanged: not a restart"
+    terms = _jsonl(out / "sigterms.jsonl")
+    assert sorted((t["world"], t["rank"]) for t in terms) == [(4, 0), (4, 1), (4, 2), (4, 3)], \
+        "every script of the old world got SIGTERM, the drained node's included"
+    again = [s for s in starts if s["world"] == 2]
+    assert len({s["step"] for s in again}) == 1 and again[0]["step"] >= 5, "resumed from the script's own save"
+    logged = _jsonl(out / "steps.jsonl")
+    assert logged[-1] == {"step": steps, "world": 2}
+    assert gone_at is not None and gone_at < drained_at + 15, "the drained node exited before its deadline"
+    no_leaks([s["pid"] for s in starts])
