@@ -168,7 +168,8 @@ def test_row17_two_nodes_drained_at_once_down_to_min_then_below_min_waits(cluste
     gone = [w.wait(timeout_s=max(0.0, deadline - time.time())) for w in watches]
     for node, watch in zip((first, second), watches):
         _kill_at(cluster, node, deadline, watch)
-    figures(17, "two nodes drained at once, down to min_nodes", detection_s=None,
+    noticed = max(e["time"] for e in _drain_events(run.events()))
+    figures(17, "two nodes drained at once, down to min_nodes", detection_s=noticed - drained_at,
             recovery_s=trace.recovery_s(drained_at), steps_redone=trace.redone(), restarts=0, budget=0,
             longest_pause_s=_longest_pause(trace, drained_at))
     assert trace.redone() == 0
