@@ -7,6 +7,7 @@ kills whatever is left at the deadline, as a cloud provider would.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -243,34 +244,72 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_row17_cli_scripts_of_a_drained_node_get_sigterm_and_restart_in_the_smaller_world(cluster, no_leaks,
-                                                                                          tmp_path):
-    """`ray-elastic run`: a drain stops every script with SIGTERM (torchrun's way on a membership change) and
-    restarts them in the world without the drained node; no restart is charged (--max-restarts=0)."""
+@contextlib.contextmanager
+def _ray_start_node(address: str, drain_timeout_s: float, cpus: int = 2):
+    """A worker node started the way KubeRay starts one: `ray start --block` (the pod's main process).
+
+    On SIGTERM (Kubernetes deleting the pod: node drain, spot reclaim, scale-in), Ray 2.60's
+    `ray start` drains its own node (reason preemption, deadline RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S)
+    and exits once the node is idle. Yields (process, node id).
+    """
+    import os
+
+    import psutil
+    import ray
+
+    marker = f"sigterm_node_{os.getpid()}_{time.monotonic_ns()}"
+    env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=str(drain_timeout_s))
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--address", address, "--block",
+         f"--num-cpus={cpus}", "--resources", f'{{"{marker}": 1}}', "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        node_id = None
+        while node_id is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the `ray start` node did not come up"
+            node_id = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(marker)), None)
+            time.sleep(0.2)
+        yield proc, node_id
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_row17_cli_pod_deleted_its_scripts_get_sigterm_and_restart_in_the_smaller_world(cluster, no_leaks,
+                                                                                        tmp_path):
+    """`ray-elastic run` on a node started like a KubeRay pod, which Kubernetes then deletes (SIGTERM to
+    `ray start --block`): Ray drains the node itself; every script gets SIGTERM (torchrun's way on a
+    membership change) and restarts in the world without the node; no restart is charged
+    (--max-restarts=0); the node exits once the run let it go, before its drain deadline."""
+    import signal
     import threading
 
     from ray_elastic.cli import main
 
-    ensure_nodes(cluster, 2)
+    ensure_nodes(cluster, 1)
     script, out = tmp_path / "train.py", tmp_path / "out"
     script.write_text(DRAIN_SCRIPT)
     out.mkdir()
-    steps = 60
-    argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(script), str(out), str(steps)]
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(rc=main(argv)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while len([s for s in _jsonl(out / "steps.jsonl") if s["world"] == 4]) < 5:
-        assert thread.is_alive() and time.monotonic() < deadline, "the scripts did not train at world size 4"
-        time.sleep(0.1)
-    victim = cluster.nodes[-1]
-    watch = DeathWatch(_raylet_pid(victim))
-    drained_at = time.time()
-    assert cluster.drain_node(victim, deadline_s=15)[0]
-    gone_at = watch.wait(timeout_s=15)
-    _kill_at(cluster, victim, drained_at + 15, watch)
-    thread.join(300)
+    steps, drain_timeout_s = 60, 20
+    with _ray_start_node(cluster.address, drain_timeout_s) as (pod, node_id):
+        argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(script), str(out), str(steps)]
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(rc=main(argv)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 180
+        while len([s for s in _jsonl(out / "steps.jsonl") if s["world"] == 4]) < 5:
+            assert thread.is_alive() and time.monotonic() < deadline, "the scripts did not train at world size 4"
+            time.sleep(0.1)
+        deleted_at = time.monotonic()
+        pod.send_signal(signal.SIGTERM)  # Kubernetes deletes the pod
+        pod.wait(timeout=drain_timeout_s + 30)
+        exited_after = time.monotonic() - deleted_at
+        thread.join(300)
     assert box.get("rc") == 0, "a drain spends no restart (--max-restarts=0)"
     starts = _jsonl(out / "starts.jsonl")
     assert sorted(s["world"] for s in starts) == [2, 2, 4, 4, 4, 4], starts
@@ -280,7 +319,7 @@ def test_row17_cli_scripts_of_a_drained_node_get_sigterm_and_restart_in_the_smal
         "every script of the old world got SIGTERM, the drained node's included"
     again = [s for s in starts if s["world"] == 2]
     assert len({s["step"] for s in again}) == 1 and again[0]["step"] >= 5, "resumed from the script's own save"
-    logged = _jsonl(out / "steps.jsonl")
-    assert logged[-1] == {"step": steps, "world": 2}
-    assert gone_at is not None and gone_at < drained_at + 15, "the drained node exited before its deadline"
+    assert _jsonl(out / "steps.jsonl")[-1] == {"step": steps, "world": 2}
+    assert exited_after < drain_timeout_s, f"the pod exited {exited_after:.1f}s after SIGTERM: not let go early"
+    assert pod.returncode is not None
     no_leaks([s["pid"] for s in starts])
