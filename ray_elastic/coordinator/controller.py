@@ -204,6 +204,7 @@ class Controller(DrainSteps):
 
     def _maybe_refresh(self, now: float) -> None:
         self._drains = dict(self.group.drains(now))
+        self._release_drained(now)
         if now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
             self.group.refresh(now)
@@ -271,6 +272,7 @@ class Controller(DrainSteps):
         chosen = policy.choose_groups(self.group.ready_groups(), self.previous_order, self.config.max_nodes)
         if len(chosen) < self.config.min_nodes:
             return Waiting(since=now, deadline=now + self.config.wait_for_nodes_timeout_s, cause=state.cause)
+        self._hand_over_drained(chosen, now)
         plan = RoundPlan(round_id=self.next_round_id, restart_count=self.restarts, groups=tuple(chosen))
         self.next_round_id += 1
         previous = set(self.previous_order)

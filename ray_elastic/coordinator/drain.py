@@ -97,8 +97,13 @@ def decide(
     now: float,
     seconds_per_step: float | None,
     margin_s: float,
+    replacement_ready: bool = False,
 ) -> DrainDecision:
     """Decide, for the nodes of the running round, which to leave at a commit and which to drop now.
+
+    When every node of the round is drained, leaving would leave nobody holding the commit: the
+    round trains on until a node is ready to take over (it receives the commit when the round
+    re-forms), or until the deadline comes within twice the time a commit needs.
 
     Args:
         members: node ids of the round.
@@ -107,6 +112,7 @@ def decide(
         now: the controller's clock (the notices' deadlines are on it).
         seconds_per_step: the run's recent step time, None if not known yet.
         margin_s: time kept in hand before a deadline.
+        replacement_ready: a node group that is not drained is ready to join.
 
     Returns:
         The decision; empty when nothing changes.
@@ -115,6 +121,7 @@ def decide(
     crash: list[str] = []
     withdrawn: list[str] = []
     needed = time_needed_s(seconds_per_step, margin_s)
+    last_holders = bool(members) and all(n in notices for n in members) and not replacement_ready
     for node_id in members:
         notice = notices.get(node_id)
         if notice is None:
@@ -126,7 +133,10 @@ def decide(
             if remaining <= 0:  # still in the round at its deadline: it is being killed now
                 crash.append(node_id)
             continue
-        (crash if remaining < needed else leave).append(node_id)
+        if remaining < needed:
+            crash.append(node_id)
+        elif not (last_holders and remaining >= 2 * needed):
+            leave.append(node_id)
     return DrainDecision(tuple(leave), tuple(crash), tuple(withdrawn))
 
 

@@ -29,11 +29,53 @@ class DrainSteps:
     drain: DrainTracker
     _drains: dict[str, DrainNotice]
     last_step: dict[str, int | None]
+    previous_order: list[str]
+    state: Any
 
     if TYPE_CHECKING:  # Controller's
         def _emit(self, kind: str, message: str, **data: Any) -> None: ...
 
         def _begin_restart(self, state: Any, now: float, trigger: str, stalled: list[str] | None = None) -> Any: ...
+
+    def _release_drained(self, now: float) -> None:
+        """Kill the idle workers of drained nodes, so Ray can let the nodes go, except those that may hold
+        the last commit (no node of the last round survives): they are kept for a handover to the next
+        round's first node, until their deadline comes within drain_margin_s."""
+        held = self.group.drained_groups()
+        if not held:
+            return
+        plan = getattr(self.state, "plan", None)
+        in_round = {g.node_id for g in plan.groups} if plan is not None else set()
+        alive = {g.node_id for g in self.group.ready_groups()} | in_round
+        survivors = any(n not in self._drains and n in alive for n in self.previous_order)
+        for group in held:
+            if group.node_id in in_round:
+                continue
+            notice = self._drains.get(group.node_id)
+            if (not survivors and group.node_id in self.previous_order and notice is not None
+                    and notice.remaining_s(now) > self.config.drain_margin_s):
+                continue
+            self.group.kill(list(group.workers), reason="node drained: released")
+
+    def _hand_over_drained(self, chosen: list[Any], now: float) -> None:
+        """Before a round with no survivor of the last one: hand the commit a drained member kept over to the
+        new round's first worker (State restores it there and broadcasts it to the others)."""
+        previous = set(self.previous_order)
+        if not chosen or any(g.node_id in previous for g in chosen):
+            return
+        held = [g for g in self.group.drained_groups() if g.node_id in previous]
+        if not held:
+            return
+        source, target = held[0].workers[0], chosen[0].workers[0]
+        notice = self._drains.get(held[0].node_id)
+        left = notice.remaining_s(now) if notice is not None else 0.0
+        timeout = max(1.0, min(left, 600.0) - self.config.drain_margin_s)
+        done = self.group.hand_over(source, target, timeout)
+        self._emit("drain", f"node {held[0].node_id[:12]} (drained) handed the last commit over to node "
+                   f"{chosen[0].node_id[:12]}" + ("" if done else ": failed; the new round starts without it"),
+                   node_id=held[0].node_id, to=chosen[0].node_id, path="handover", ok=done)
+        for group in held:
+            self.group.kill(list(group.workers), reason="node drained: handed over")
 
     def _left_drained_nodes(self, state: Any) -> str | None:
         """At a re-form after a stop: the cause if the stop was for a drain ("drain"), else None."""
@@ -55,8 +97,9 @@ class DrainSteps:
         steps = [s for s in (self.last_step.get(w) for w in state.plan.worker_ids) if s is not None]
         tracker.clock.observe(now, max(steps, default=None))
         per_step = tracker.clock.seconds_per_step()
+        replacement = any(g.node_id not in self._drains for g in self.group.ready_groups())
         decision = decide([g.node_id for g in state.plan.groups], self._drains, tracker.leaving, now,
-                                per_step, self.config.drain_margin_s)
+                          per_step, self.config.drain_margin_s, replacement_ready=replacement)
         if not decision:
             return None
         for node_id in decision.withdrawn:

@@ -55,10 +55,18 @@ class WorkerGroup(abc.ABC):
     def drains(self, now: float) -> Mapping[str, DrainNotice]:
         """Nodes Ray is draining, by node id (polled at most every drain_poll_interval_s).
 
-        Drained nodes are never in `ready_groups()`; their workers outside a round are released.
-        Default: none (groups that cannot see drains).
+        Drained nodes are never in `ready_groups()`, get no new workers, and are released once their
+        workers are killed (`drained_groups()` lists those still idle). Default: none.
         """
         return {}
+
+    def drained_groups(self) -> list[NodeGroup]:
+        """Node groups of drained nodes whose workers are alive and idle (kept until `kill`ed). Default: none."""
+        return []
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        """Copy the committed snapshot of idle worker `source` into idle worker `target`; True if it holds it."""
+        return False
 
     def worker_pids(self) -> list[int]:
         """Process ids of every worker the run started (for leak checks)."""

@@ -124,13 +124,15 @@ class RayWorkerGroup(WorkerGroup):
                         PLACEMENT_PATIENCE_S)
             self._drop_node(node_id)
             self._passed_over[node_id] = now
-        for node_id in free[:max(0, self.config.max_nodes - len(self.nodes))]:
+        staying = sum(1 for n in self.nodes if n not in self._drains)  # drained ones are on their way out
+        for node_id in free[:max(0, self.config.max_nodes - staying)]:
             pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
                               name=f"ray_elastic-{self.config.run_id}-{node_id}")
             self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
                                         created=now)
         self._release_drained()
-        self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
+        staying = sum(1 for n in self.nodes if n not in self._drains)
+        self._express_demand(self.config.max_nodes if staying < self.config.max_nodes else 0)
         self._advance_startups()
 
     def drains(self, now: float) -> dict[str, DrainNotice]:
@@ -143,11 +145,30 @@ class RayWorkerGroup(WorkerGroup):
         return self._drains
 
     def _release_drained(self) -> None:
-        """Let drained nodes go: drop every node group Ray is draining that has no worker in a round."""
+        """Let drained nodes go: drop every drained node group with no worker in a round or kept idle
+        (the controller keeps idle ones that may hold the last commit, and kills them when done)."""
         for node_id in [n for n in self.nodes if n in self._drains]:
-            if not any(s is not None and s.status == BUSY for s in self.nodes[node_id].slots):
+            if not any(s is not None and s.status in (BUSY, READY) for s in self.nodes[node_id].slots):
                 logger.info("releasing drained node %s", node_id[:12])
                 self._drop_node(node_id)
+
+    def drained_groups(self) -> list[NodeGroup]:
+        return [
+            NodeGroup(node.node_id, tuple(s.worker_id for s in node.slots if s is not None))
+            for node in self.nodes.values()
+            if node.node_id in self._drains and all(s is not None and s.status == READY for s in node.slots)
+        ]
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        src, dst = self._slot(source), self._slot(target)
+        if src is None or dst is None or src.status != READY or dst.status != READY:
+            return False
+        try:  # the payload goes from one worker to the other through the object store, not through here
+            held = ray.get(dst.actor.import_snapshot.remote(src.actor.export_snapshot.remote()), timeout=timeout_s)
+        except (RayError, ray.exceptions.GetTimeoutError):
+            logger.warning("handing the snapshot of %s over to %s failed", source, target, exc_info=True)
+            return False
+        return bool(held >= 0)
 
     def _express_demand(self, wanted: int) -> None:
         """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters.
@@ -166,6 +187,8 @@ class RayWorkerGroup(WorkerGroup):
 
     def _advance_startups(self) -> None:
         for node in self.nodes.values():
+            if node.node_id in self._drains:  # no new workers on a node that is going away
+                continue
             if not node.placed:
                 ready, _ = ray.wait([node.pg_ready], timeout=0)
                 if not ready:

@@ -90,6 +90,7 @@ class FakeWorkerGroup(WorkerGroup):
         self.refreshes = 0
         self.shut_down = False
         self.draining: dict[str, DrainNotice] = {}
+        self.handovers: list[tuple[str, str]] = []
 
     # -- the test's controls ---------------------------------------------------------------------
     def add_node(self, node_id: str | None = None, start_s: float = 0.0) -> str:
@@ -214,6 +215,21 @@ class FakeWorkerGroup(WorkerGroup):
 
     def drains(self, now: float) -> dict[str, DrainNotice]:
         return self.draining
+
+    def drained_groups(self) -> list[NodeGroup]:
+        now = self.clock()
+        return [
+            NodeGroup(node_id, tuple(w.worker_id for w in workers))
+            for node_id, workers in self.nodes.items()
+            if node_id in self.draining and all(self._is_ready(w, now) for w in workers)
+        ]
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        now = self.clock()
+        if not (self._is_ready(self.workers[source], now) and self._is_ready(self.workers[target], now)):
+            return False
+        self.handovers.append((source, target))
+        return True
 
     def start_round(self, plan: RoundPlan) -> None:
         now = self.clock()

@@ -135,6 +135,36 @@ def test_row18_withdrawn_drain_the_node_stays(cluster, no_leaks, trace, figures,
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
+def test_row17_lone_drained_node_hands_its_commit_over_to_its_replacement(cluster, no_leaks, trace, figures,
+                                                                           tmp_path):
+    """Every node of the round drained (here the only one): the round trains on until a replacement is ready,
+    then the drained worker hands the commit over to it; nothing is lost, nothing redone, nothing charged."""
+    ensure_nodes(cluster, 1)
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=1, max_nodes=1, max_restarts=0)
+    run.wait_for("round_formed")
+    trace.wait_for_step(5, alive=run.alive)
+    victim = cluster.nodes[0]
+    watch = DeathWatch(_raylet_pid(victim))
+    drained_at = time.time()
+    assert cluster.drain_node(victim, deadline_s=40)[0]
+    time.sleep(1.5)
+    assert [e["kind"] for e in run.events()].count("round_formed") == 1, "trains on: it holds the only commit"
+    cluster.add_node()
+    handover = _wait_for_message(run, "drain", "handed the last commit over")
+    gone_at = watch.wait(timeout_s=max(0.0, drained_at + 40 - time.time()))
+    _kill_at(cluster, victim, drained_at + 40, watch)
+    steps = trace.stop_at(trace.commits()[-1].step + 10)
+    result = run.join()
+    figures(17, "lone node drained, commit handed over to its replacement", steps_redone=trace.redone(),
+            restarts=result.restarts, budget=0, longest_pause_s=_longest_pause(trace, handover["time"] - 5))
+    check_run(result, steps, restarts=0)  # the log in the State runs on unbroken: the commit was handed over
+    assert trace.redone() == 0 and handover["data"]["ok"]
+    assert [(r.num_nodes, r.cause) for r in result.rounds][-1] == (1, "drain")
+    assert gone_at is not None and gone_at < drained_at + 40
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
 def _wait_for_message(run, kind: str, text: str, timeout_s: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

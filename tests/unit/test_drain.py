@@ -197,3 +197,55 @@ def test_drained_below_min_nodes_waits_then_resumes_or_fails_clearly():
     summary = controller.run()
     assert isinstance(summary.error, NotEnoughNodesError) and summary.restarts == 0
     assert "min_nodes=2" in str(summary.error)
+
+
+# -- handing the commit over when every node of the round is drained ---------------------------------------
+def test_a_drained_node_with_survivors_is_released_at_once():
+    controller, group = make(nodes=2, min_nodes=1)
+    until(controller, lambda: running(controller, 0))
+    group.drain_node("node-0002", 30.0)
+    until(controller, lambda: running(controller, 1))
+    assert group.handovers == [] and ["node-0002/0"] in [kill for kill, _ in group.kills]
+    assert group.workers["node-0002/0"].status == "dead"
+
+
+def test_a_lone_drained_node_trains_on_until_a_replacement_is_ready_then_hands_its_commit_over():
+    controller, group = make(nodes=1, max_nodes=1)
+    until(controller, lambda: running(controller, 0))
+    train(controller, group, 3)
+    group.drain_node("node-0001", deadline_in_s=60.0)
+    train(controller, group, 10)
+    assert group.stops == [] and isinstance(controller.state, Running), "nobody else would hold the commit"
+    group.add_node()
+    until(controller, lambda: running(controller, 1))
+    assert [g.node_id for g in group.plans[1].groups] == ["node-0002"]
+    assert group.handovers == [("node-0001/0", "node-0002/0")]
+    [handover] = [e for e in drain_events(controller) if e.data["path"] == "handover"]
+    assert handover.data["ok"] and handover.data["to"] == "node-0002"
+    assert group.workers["node-0001/0"].status == "dead", "released once it handed over"
+    assert controller.restarts == 0
+
+
+def test_a_lone_drained_node_leaves_at_a_commit_near_its_deadline_and_is_kept_for_a_late_replacement():
+    controller, group = make(nodes=1, max_nodes=1, wait_for_nodes_timeout_s=60.0)
+    until(controller, lambda: running(controller, 0))
+    train(controller, group, 4, step_s=1.0)  # leaving needs 1 + 2 x 1 = 3 s; held while 6 s or more remain
+    group.drain_node("node-0001", deadline_in_s=10.0)
+    drained_at = group.clock()
+    until(controller, lambda: isinstance(controller.state, Waiting))
+    assert 4.0 - 0.5 <= group.clock() - drained_at <= 4.0 + 1.5, "left when the deadline came within 6 s"
+    assert group.workers["node-0001/0"].status == "ready", "kept: it may hold the last commit"
+    group.add_node()
+    until(controller, lambda: running(controller, 1))
+    assert group.handovers == [("node-0001/0", "node-0002/0")] and controller.restarts == 0
+
+
+def test_a_kept_drained_node_is_released_near_its_deadline_without_a_replacement():
+    controller, group = make(nodes=1, max_nodes=1, wait_for_nodes_timeout_s=60.0)
+    until(controller, lambda: running(controller, 0))
+    group.drain_node("node-0001", deadline_in_s=10.0)
+    until(controller, lambda: group.workers["node-0001/0"].status == "dead")
+    assert 10.0 - 1.0 - 0.5 <= group.clock() - 1000.0 <= 10.0, "released drain_margin_s before the deadline"
+    group.add_node()
+    until(controller, lambda: running(controller, 1))
+    assert group.handovers == []
