@@ -249,3 +249,22 @@ def test_a_kept_drained_node_is_released_near_its_deadline_without_a_replacement
     group.add_node()
     until(controller, lambda: running(controller, 1))
     assert group.handovers == []
+
+
+def test_progress_shows_drains_in_a_notebook_bar_and_in_log_lines():
+    import io
+
+    from ray_elastic.events import Event
+    from ray_elastic.progress import BarProgress, LogProgress
+
+    drained = [Event("drain", "r", 0, "RUNNING", "node abc is being drained by Ray (preemption, deadline in 9.0s): "
+                     "leaving it at the next commit"),
+               Event("scale_down", "r", 0, "RUNNING", "members left at a commit: drained node(s) abc leave the run")]
+    snapshot = {"state": "RUNNING", "round_id": 0, "world_size": 2, "num_nodes": 2, "restarts": 0,
+                "metrics": {"step": 3}, "events": drained}
+    for display in (BarProgress(stream=io.StringIO()), LogProgress(stream=io.StringIO())):
+        stream = display.stream if isinstance(display, LogProgress) else display._stream
+        display.update(snapshot)
+        display.close()
+        text = stream.getvalue()
+        assert "being drained by Ray (preemption, deadline in 9.0s)" in text and "leave the run" in text
