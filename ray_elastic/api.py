@@ -25,7 +25,7 @@ from ray_elastic.coordinator.actor import Coordinator
 from ray_elastic.coordinator.controller import RunSummary
 from ray_elastic.errors import ConfigError, CoordinatorLostError
 from ray_elastic.events import Event, RoundRecord, resolve_log_path
-from ray_elastic.placement import check_feasible, cluster_nodes
+from ray_elastic.placement import autoscaler_node_types, check_feasible, cluster_nodes
 from ray_elastic.progress import make_progress
 
 
@@ -227,7 +227,7 @@ def run(
 
         checkpointer = Checkpointer.for_run(cfg)
     _connect(ray_address)
-    check_feasible(cfg, cluster_nodes())
+    check_feasible(cfg, cluster_nodes(), autoscaler_node_types())
     try:
         coordinator = (
             ray.remote(Coordinator)
@@ -311,7 +311,7 @@ def coordinator_name(run_id: str) -> str:
 
 
 def _remove_placement_groups(run_id: str) -> None:
-    """Remove the run's node placement groups (`ray_elastic-<run_id>-<node id[:8]>`) still standing."""
+    """Remove the run's node placement groups (`ray_elastic-<run_id>-<node id>`) still standing."""
     prefix = f"ray_elastic-{run_id}-"
     for info in (ray.util.placement_group_table() or {}).values():
         pg_name = str(info.get("name", ""))

@@ -44,6 +44,10 @@ class RunConfig:
     initial_gather_s: float = 2.0
     collective_timeout_s: float = 1800.0
     node_poll_interval_s: float = 1.0
+    # Node drains (coordinator/drain.py): how often Ray is asked which nodes are draining, and the
+    # time kept in hand before a drain's deadline when deciding whether to leave at a commit.
+    drain_poll_interval_s: float = 0.25
+    drain_margin_s: float = 1.0
     event_log_path: str | None = None
     # False for train_fns that form their own group (the torchrun-compatible CLI).
     init_process_group: bool = True
@@ -139,6 +143,8 @@ def validate(config: RunConfig) -> RunConfig:
         "initial_gather_s",
         "collective_timeout_s",
         "node_poll_interval_s",
+        "drain_poll_interval_s",
+        "drain_margin_s",
     ):
         _require_seconds(name, getattr(config, name))
     _require_seconds("hang_timeout_s", config.hang_timeout_s, allow_none=True)

@@ -18,7 +18,12 @@ class Event:
     """One thing that happened to a run.
 
     `kind` is one of: round_formed, worker_lost, node_lost, restart,
-    scale_up, scale_down, waiting, node_ready, finished, failed, aborted.
+    scale_up, scale_down, waiting, node_ready, finished, failed, aborted,
+    drain (Ray is draining a node of the round: `data` has node_id, reason,
+    deadline (epoch seconds or None) and path: "commit" (left at the next
+    commit), "crash" (too close to the deadline: dropped as a crash),
+    "withdrawn", or "handover" (a drained worker handed the last commit to
+    the next round: `to`, `ok`)).
     """
 
     kind: str

@@ -131,6 +131,20 @@ class ElasticWorker:
             session.interrupt("abort")
         return group.sever() if group is not None else 0
 
+    def export_snapshot(self) -> dict[str, Any] | None:
+        """This worker's committed snapshot, handed over before its node is drained (None: it holds none)."""
+        with self._lock:
+            in_round = self._session is not None
+        if in_round or self.snapshots.held_commit_id() < 0:
+            return None
+        return self.snapshots.as_payload()
+
+    def import_snapshot(self, payload: dict[str, Any] | None) -> int:
+        """Hold a snapshot handed over from a drained node's worker (if newer); return the commit held."""
+        if payload is not None and payload["commit_id"] > self.snapshots.commit_id:
+            self.snapshots.load_payload(payload)
+        return self.snapshots.held_commit_id()
+
     # -- training path -----------------------------------------------------------------------------
     def _device(self, spec: RoundSpec):
         """CPU, or this worker's GPU with every GPU of its node visible (so NCCL sees its peers)."""
