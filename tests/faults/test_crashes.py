@@ -20,6 +20,11 @@ from tests.workloads import ddp_train
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
+# Bounds on timings that hold on this 2-core machine under load (measured figures are in the fault matrix):
+# a dead process is seen by Ray within milliseconds (0.03 s measured), survivors re-form at once (0.07-0.26 s).
+DETECTION_BOUND_S = 1.0  # RELIABILITY.md, row 2
+RECOVERY_BOUND_S = 5.0
+
 
 def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, figures):
     ensure_nodes(cluster, 4)
@@ -33,7 +38,7 @@ def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, fig
             step_s=statistics.median(b.wall - a.wall for a, b in zip(commits, commits[1:])))
     values = result.return_values
     assert len(values) == 4
-    check_run(result, steps, restarts=0)
+    check_run(result, steps, restarts=0, trace=trace)
     assert [(r.round_id, r.world_size) for r in result.rounds] == [(0, 4)]
     for v in values:
         rank = v["rank"]
@@ -62,7 +67,7 @@ def test_row1_train_fn_raising_once_resumes_from_last_commit(cluster, no_leaks, 
     detected = detection_s(result.events, fault.wall)
     figures(1, "train_fn raises once", detection_s=detected, recovery_s=trace.recovery_s(fault.wall),
             steps_redone=trace.redone(), restarts=result.restarts, budget=3)
-    check_run(result, steps, restarts=1)
+    check_run(result, steps, restarts=1, trace=trace)
     assert [v["context"]["restart_count"] for v in result.return_values] == [1, 1]
     restart_events = [e for e in result.events if e.kind == "restart"]
     assert len(restart_events) == 1 and "InjectedFault" in restart_events[0].message
@@ -86,10 +91,13 @@ def test_row2_sigkill_of_a_worker_costs_one_restart(cluster, no_leaks, trace, fi
     detected = detection_s(result.events, killed_at)
     figures(2, "worker SIGKILL", detection_s=detected, recovery_s=trace.recovery_s(killed_at),
             steps_redone=trace.redone(), restarts=result.restarts, budget=3)
-    check_run(result, steps, restarts=1)
+    check_run(result, steps, restarts=1, trace=trace)
     assert any(e.kind == "restart" and "died" in e.message for e in result.events)
     assert victim not in {v["pid"] for v in result.return_values}
-    assert detected is not None and detected < 5.0, f"detection took {detected}s (RELIABILITY: < 1 s when quiet)"
+    assert detected is not None and detected < DETECTION_BOUND_S, f"detection took {detected}s"
+    recovery = trace.recovery_s(killed_at)
+    assert recovery is not None and recovery < RECOVERY_BOUND_S, f"recovered after {recovery}s"
+    assert trace.redone() == 0, "the survivors held the last commit: nothing committed is redone"
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
@@ -122,7 +130,7 @@ def test_row3_hung_rank_is_aborted_by_watchdog_and_a_woken_one_cannot_rejoin(clu
             woken_detection_s=detections[0], killed_after_s=None if died_at is None else died_at - stopped.wall,
             woken_rejoined=woken.pid in {v["pid"] for v in result.return_values})
     assert time.monotonic() - started < 150
-    check_run(result, steps, restarts=2)
+    check_run(result, steps, restarts=2, trace=trace)
     restart = [e for e in events if e.kind == "restart"]
     assert len(restart) == 2 and all("(hang)" in e.message for e in restart), [e.message for e in restart]
     for detected in detections:  # counted from the last progress the coordinator saw, which may predate the stop
@@ -147,7 +155,11 @@ def test_row7_two_ranks_failing_together_count_once(cluster, no_leaks, trace, fi
     figures(7, "two ranks raise together", detection_s=detection_s(result.events, first),
             recovery_s=trace.recovery_s(first), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     assert len(trace.fired()) == 2
-    check_run(result, steps, restarts=1)
+    check_run(result, steps, restarts=1, trace=trace)
+    assert trace.first_commit_after(first).step == 5, "resumed from the last commit (step 4)"
+    assert trace.redone() == 0
+    recovery = trace.recovery_s(first)
+    assert recovery is not None and recovery < RECOVERY_BOUND_S, f"recovered after {recovery}s"
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
