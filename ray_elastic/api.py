@@ -24,7 +24,7 @@ from ray_elastic.coordinator.actor import Coordinator
 from ray_elastic.coordinator.controller import RunSummary
 from ray_elastic.errors import ConfigError, CoordinatorLostError
 from ray_elastic.events import Event, RoundRecord, resolve_log_path
-from ray_elastic.placement import check_feasible, cluster_nodes
+from ray_elastic.placement import autoscaler_node_types, check_feasible, cluster_nodes
 from ray_elastic.progress import make_progress
 
 
@@ -41,6 +41,8 @@ class RunResult:
         metrics_history: rank 0's reports with time, round id and world size; past 10,000
             entries every other one is dropped (repeatedly), so a long run keeps a coarser history.
         worker_pids: every worker process the run started (all gone once `run` returns).
+        snapshot: how commits were kept when the run ended: "live" (optimizer state by reference) or
+            "copy"; with snapshot="auto", a `snapshot` event says when and why it was chosen.
     """
 
     return_values: list[Any]
@@ -51,6 +53,7 @@ class RunResult:
     metrics_history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
     worker_pids: list[int] = field(default_factory=list)
+    snapshot: str = ""
 
 
 def _find_unpicklable(fn: Callable[..., Any]) -> str | None:
@@ -135,7 +138,7 @@ def run(
     ray_address: str | None = None,
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
-    snapshot: str = "copy",
+    snapshot: str = "auto",
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -165,7 +168,10 @@ def run(
         warmup_modules: imported by every worker before it joins a round, so a newcomer does not
             import them inside the round while survivors wait (DDP's constructor imports
             torch._dynamo: ~2 s on 2 cores). Pass () to skip.
-        snapshot: how `State.commit()` keeps the commit. "copy": a copy of every tensor (any loop).
+        snapshot: how `State.commit()` keeps the commit. "auto" (default): copies for the first
+            commits while the loop is watched, then "live" if each optimizer.step() is followed by
+            commit() with no collective in between, else copies for good (no error); the `snapshot`
+            event and `RunResult.snapshot` say which. "copy": a copy of every tensor (any loop).
             "live": an optimizer's parameters and state are kept by reference, not copied (no
             commit cost for them); needs commit() after every optimizer.step() with no collective
             in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
@@ -218,7 +224,7 @@ def run(
 
         checkpointer = Checkpointer.for_run(cfg)
     _connect(ray_address)
-    check_feasible(cfg, cluster_nodes())
+    check_feasible(cfg, cluster_nodes(), autoscaler_node_types())
     try:
         coordinator = (
             ray.remote(Coordinator)
@@ -247,6 +253,7 @@ def run(
         metrics_history=summary.metrics_history,
         run_id=run_id,
         worker_pids=summary.worker_pids,
+        snapshot=summary.snapshot,
     )
 
 
