@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -98,15 +99,28 @@ def _pickle_train_fn(train_fn: Callable[..., Any], train_config: Any) -> bytes:
                 cloudpickle.unregister_pickle_by_value(module)
 
 
+# Starting a local Ray, Ray turns its token authentication on and warns that it did; the warning
+# is for shared clusters and there is nothing to act on here, so a local start leaves it out.
+_LOCAL_START_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+
+
 def _connect(ray_address: str | None) -> None:
     if ray.is_initialized():
         return
     address = ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
-    if address:
+    if address and address != "local":
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(runtime_env=env, include_dashboard=False)
+        return
+    loggers = [logging.getLogger(name) for name in _LOCAL_START_NOTICES]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address, runtime_env=env, include_dashboard=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def run(

@@ -436,8 +436,8 @@ class Controller:
             "; as a consequence, the collective of rank(s) " + ", ".join(str(ranks[o.worker_id]) for o in echoes)
             + " failed" if echoes else ""
         )
-        self._emit("worker_lost",
-                   f"round {state.plan.round_id}: {trigger}{consequence}; aborting {state.aborting} other worker(s)",
+        aborting = f"; aborting {state.aborting} other worker(s)" if state.aborting else ""
+        self._emit("worker_lost", f"round {state.plan.round_id}: {trigger}{consequence}{aborting}",
                    trigger=trigger, stalled=list(state.stalled), detected=state.detected,
                    consequences=[o.worker_id for o in echoes])
 
