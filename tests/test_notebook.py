@@ -89,8 +89,8 @@ def test_quickstart_notebook_shrinks_and_grows_back(tmp_path, no_shared_cluster)
     assert not errors, errors
     everything = "\n".join(_texts(c) for c in code_cells)
     assert "restarts spent: 1" in everything, everything[-4000:]
-    assert "after the node loss: world size 3" in everything, everything[-4000:]
-    assert "after the node joined: world size 4" in everything, everything[-4000:]
+    assert "after the node loss: world size 2" in everything, everything[-4000:]
+    assert "after the node joined: world size 3" in everything, everything[-4000:]
     assert "run finished after 1 restart(s)" in everything, everything[-4000:]
     outputs = [o for c in code_cells for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the loss / world-size plot was not drawn"

@@ -1,7 +1,7 @@
 """Placement and up-front checks: GPU placement, GPUs or resources the cluster lacks.
 
-Nodes joining and leaving, hangs and below-min waits are fault-matrix rows (tests/faults/). A cluster with
-no worker node yet waits for one.
+Nodes joining and leaving, hangs and below-min waits (a cluster with no worker node yet included) are
+fault-matrix rows (tests/faults/).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import time
 import pytest
 
 import ray_elastic
-from tests.cluster.background import BackgroundRun
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -56,15 +55,3 @@ def test_resources_no_node_can_hold_fail_fast(cluster):
     assert "Lower nproc_per_node or resources_per_worker" in str(info.value)
     assert time.monotonic() - started < 10, "failed fast, no pending placement group"
 
-
-def test_a_cluster_with_no_worker_node_yet_waits_for_one(cluster, no_leaks, tmp_path):
-    """The head holds no CPU and no worker node is up yet (nodes still coming, or an autoscaler about
-    to add them; issue 18.4): the run waits for a node instead of failing up front."""
-    cluster.resize(0)
-    run = BackgroundRun(tmp_path, _gpu_probe, min_nodes=1, wait_for_nodes_timeout_s=120)
-    waiting = run.wait_for("waiting", timeout_s=60)
-    assert "1 more node" in waiting["message"]
-    cluster.add_node()
-    result = run.join()
-    assert [v["rank"] for v in result.return_values] == [0]
-    no_leaks(result.worker_pids)

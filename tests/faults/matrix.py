@@ -95,6 +95,18 @@ class Trace:
             time.sleep(0.05)
         raise AssertionError(f"step {step} was not committed within {timeout_s}s; trace: {self.commits()[-3:]}")
 
+    def wait_for_commit_after(self, fault_time: float, timeout_s: float = 120.0, alive: Any = None) -> Commit:
+        """Block until a step was committed in a round later than the one `fault_time` hit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            commit = self.first_commit_after(fault_time)
+            if commit is not None:
+                return commit
+            if alive is not None and not alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"nothing committed after the fault within {timeout_s}s; trace: {self.commits()[-3:]}")
+
     def stop_at(self, step: int) -> int:
         """Make the run end after `step` (ddp_train reads `stop_at` each step; keep it ahead of every rank)."""
         tmp = self.dir / "stop_at.tmp"

@@ -66,7 +66,7 @@ def test_live_snapshot_survives_a_sigkill_and_hands_its_state_to_the_newcomer(cl
     """With the module built once per process and wrapped in DDP again on each entry (issue 18.1): DDP's
     constructor broadcast writes into the kept parameters twice (re-forming without the victim, then with
     the newcomer), and survivors must still restore the commit."""
-    ensure_nodes(cluster, 3)
+    ensure_nodes(cluster, 4)  # max_nodes=3: the 4th node stays idle
     name = f"live-kill-{time.time_ns()}"
     config = {"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir), "keep_model": True}
     run = BackgroundRun(tmp_path, ddp_train, config=config,
