@@ -59,13 +59,13 @@ class ElasticLauncher(_OnLocalCluster):
     name = "ray_elastic"
 
     def __init__(self, nodes: int, min_nodes: int, max_nodes: int, restarts: int, sleep_s: float, steps: int,
-                 warmup: bool = True, snapshot: str = "copy"):
+                 warmup: bool = True, snapshot: str = "auto"):
         super().__init__(nodes, sleep_s, steps)
         self.min_nodes, self.max_nodes, self.restarts, self.warmup = min_nodes, max_nodes, restarts, warmup
         self.snapshot = snapshot
         if not warmup:
             self.name = "ray_elastic, warmup_modules=()"
-        if snapshot != "copy":
+        if snapshot != "auto":
             self.name = f"ray_elastic, snapshot={snapshot}"
 
     def start(self, log_dir: Path) -> None:
@@ -130,15 +130,16 @@ class RayTrainLauncher(_OnLocalCluster):
 class _Torchrun:
     """torchrun agents as process groups; the script reloads a checkpoint file that rank 0 writes every step."""
 
-    def __init__(self, sleep_s: float, steps: int, checkpoint: Path):
+    def __init__(self, sleep_s: float, steps: int, checkpoint: Path, env: dict[str, str] | None = None):
         self.sleep_s, self.steps, self.checkpoint = sleep_s, steps, checkpoint
+        self.env = {**WORKER_ENV, **(env or {})}
         self.groups = ProcessGroups()
         self.agents: list[Any] = []
 
     def _start_agent(self, launcher_args: list[str], log_dir: Path, log_name: str) -> None:
         cmd = torchrun_cmd(*launcher_args, script_args=_script_args(log_dir, self.checkpoint, self.sleep_s,
                                                                     self.steps))
-        self.agents.append(self.groups.start(cmd, log_dir / log_name, env=WORKER_ENV))
+        self.agents.append(self.groups.start(cmd, log_dir / log_name, env=self.env))
 
     def alive(self) -> bool:
         return any(agent.poll() is None for agent in self.agents)
@@ -156,14 +157,22 @@ class _Torchrun:
         self.groups.close()
 
 
+# torchrun's agent shares its rendezvous TCPStore with the workers by default; a restarted worker can then
+# read the dead worker's stale keys (pytorch/pytorch#135712). This variable turns the sharing off.
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 class TorchrunStandalone(_Torchrun):
-    """torchrun --standalone --nproc-per-node=N --max-restarts=K."""
+    """torchrun --standalone --nproc-per-node=N --max-restarts=K (optionally with extra environment)."""
 
     name = "torchrun --standalone"
 
-    def __init__(self, world: int, restarts: int, sleep_s: float, steps: int, checkpoint: Path):
-        super().__init__(sleep_s, steps, checkpoint)
+    def __init__(self, world: int, restarts: int, sleep_s: float, steps: int, checkpoint: Path,
+                 env: dict[str, str] | None = None):
+        super().__init__(sleep_s, steps, checkpoint, env)
         self.world, self.restarts = world, restarts
+        if env:
+            self.name = "torchrun --standalone, " + ", ".join(f"{k}={v}" for k, v in env.items())
 
     def start(self, log_dir: Path) -> None:
         self._start_agent(["--standalone", f"--nproc-per-node={self.world}", f"--max-restarts={self.restarts}"],

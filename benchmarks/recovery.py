@@ -16,8 +16,12 @@ step logs:
 Ray Train reports (with a checkpoint) every step; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 is lowered to --ray-train-poll-s (see _common.tune_ray_train), which favours it.
 
-ray_elastic runs twice, with the default snapshot="copy" and with "live"
-(`--systems` picks). ray_elastic also loses whole nodes (`LocalCluster.kill_node(node, graceful=False)`).
+ray_elastic runs twice, with the defaults (snapshot="auto") and with "live"
+(`--systems` picks). torchrun --standalone runs twice too: as is, and with
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which keeps its workers off the agent's
+rendezvous store (the stale keys of pytorch/pytorch#135712), so that the
+comparison measures the designs rather than that bug. ray_elastic also loses
+whole nodes (`LocalCluster.kill_node(node, graceful=False)`).
 A launcher that has not recovered within --timeout counts as a failure and is
 started afresh (from its checkpoint) for the remaining kills.
 
@@ -28,6 +32,7 @@ started afresh (from its checkpoint) for the remaining kills.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +54,7 @@ from _common import (  # noqa: E402
     wait_until,
     workdir,
 )
-from launchers import ElasticLauncher, RayTrainLauncher, TorchrunStandalone  # noqa: E402
+from launchers import NO_SHARED_STORE, ElasticLauncher, RayTrainLauncher, TorchrunStandalone  # noqa: E402
 
 STEADY_STEPS = 5
 
@@ -117,7 +122,7 @@ def run_kills(launcher: Any, args: argparse.Namespace, root: Path, victims: list
     attempt = 0
     while len(results) < args.kills:
         attempt += 1
-        log_dir = root / f"{launcher.name.split()[0]}-{attempt}"
+        log_dir = root / f"{re.sub(r'[^A-Za-z0-9]+', '_', launcher.name).strip('_')}-{attempt}"
         log_dir.mkdir()
         log(f"{launcher.name}: starting (attempt {attempt})")
         try:
@@ -231,7 +236,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=90.0, help="recovery limit per kill (s)")
     parser.add_argument("--ray-train-poll-s", type=float, default=0.2,
                         help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for Ray Train (Ray's default: 2.0)")
-    parser.add_argument("--systems", default="ray_elastic,ray_elastic_live,torchrun,ray_train")
+    parser.add_argument("--systems", default="ray_elastic,ray_elastic_live,torchrun,torchrun_noshare,ray_train")
     parser.add_argument("--quick", action="store_true", help="1 kill per system, 1 node kill, 60 s limit")
     parser.add_argument("--keep", action="store_true", help="keep the step logs (path printed at the end)")
     args = parser.parse_args()
@@ -254,6 +259,8 @@ def main() -> None:
                                                         restarts, args.sleep_s, args.steps, snapshot="live"),
             "torchrun": lambda: TorchrunStandalone(args.workers, restarts, args.sleep_s, args.steps,
                                                    root / "torchrun-ckpt.pt"),
+            "torchrun_noshare": lambda: TorchrunStandalone(args.workers, restarts, args.sleep_s, args.steps,
+                                                           root / "torchrun-noshare-ckpt.pt", env=NO_SHARED_STORE),
             "ray_train": lambda: RayTrainLauncher(args.workers, args.workers, restarts, args.sleep_s, args.steps,
                                                   root / "ray-train-storage"),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -42,6 +43,8 @@ class RunResult:
         metrics_history: rank 0's reports with time, round id and world size; past 10,000
             entries every other one is dropped (repeatedly), so a long run keeps a coarser history.
         worker_pids: every worker process the run started (all gone once `run` returns).
+        snapshot: how commits were kept when the run ended: "live" (optimizer state by reference) or
+            "copy"; with snapshot="auto", a `snapshot` event says when and why it was chosen.
     """
 
     return_values: list[Any]
@@ -52,6 +55,7 @@ class RunResult:
     metrics_history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
     worker_pids: list[int] = field(default_factory=list)
+    snapshot: str = ""
 
 
 def _find_unpicklable(fn: Callable[..., Any]) -> str | None:
@@ -96,19 +100,32 @@ def _pickle_train_fn(train_fn: Callable[..., Any], train_config: Any) -> bytes:
                 cloudpickle.unregister_pickle_by_value(module)
 
 
+# Starting a local Ray, Ray turns its token authentication on and warns that it did; the warning
+# is for shared clusters and there is nothing to act on here, so a local start leaves it out.
+_LOCAL_START_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+
+
 def _connect(ray_address: str | None) -> None:
     if ray.is_initialized():
         return
     address = ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
-    if address:
+    if address and address != "local":
         check_cluster_access(address)  # a missing or wrong Ray token: ConfigError now, not a 20 s retry
         try:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         except ray.exceptions.AuthenticationError as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
-    else:
-        ray.init(runtime_env=env, include_dashboard=False)
+        return
+    loggers = [logging.getLogger(name) for name in _LOCAL_START_NOTICES]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address, runtime_env=env, include_dashboard=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def run(
@@ -140,7 +157,7 @@ def run(
     ray_address: str | None = None,
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
-    snapshot: str = "copy",
+    snapshot: str = "auto",
     store_port: int = 0,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
@@ -171,7 +188,10 @@ def run(
         warmup_modules: imported by every worker before it joins a round, so a newcomer does not
             import them inside the round while survivors wait (DDP's constructor imports
             torch._dynamo: ~2 s on 2 cores). Pass () to skip.
-        snapshot: how `State.commit()` keeps the commit. "copy": a copy of every tensor (any loop).
+        snapshot: how `State.commit()` keeps the commit. "auto" (default): copies for the first
+            commits while the loop is watched, then "live" if each optimizer.step() is followed by
+            commit() with no collective in between, else copies for good (no error); the `snapshot`
+            event and `RunResult.snapshot` say which. "copy": a copy of every tensor (any loop).
             "live": an optimizer's parameters and state are kept by reference, not copied (no
             commit cost for them); needs commit() after every optimizer.step() with no collective
             in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
@@ -256,6 +276,7 @@ def run(
         metrics_history=summary.metrics_history,
         run_id=run_id,
         worker_pids=summary.worker_pids,
+        snapshot=summary.snapshot,
     )
 
 

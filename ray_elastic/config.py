@@ -10,7 +10,7 @@ from typing import Any
 
 from ray_elastic.errors import ConfigError
 
-SNAPSHOT_MODES = ("copy", "live")
+SNAPSHOT_MODES = ("auto", "copy", "live")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class RunConfig:
     worker_start_timeout_s: float = 180.0
     hang_timeout_s: float | None = 300.0
     abort_timeout_s: float = 5.0
+    cause_wait_s: float = 1.0  # a round failed with only a peer's collective error known: wait this long for the cause
     probe_timeout_s: float = 2.0
     heartbeat_interval_s: float = 0.5
     join_debounce_s: float = 0.5
@@ -52,7 +53,7 @@ class RunConfig:
     # False for train_fns that form their own group (the torchrun-compatible CLI).
     init_process_group: bool = True
     warmup_modules: tuple[str, ...] = ("torch._dynamo",)
-    snapshot: str = "copy"
+    snapshot: str = "auto"
     # Port of every round's store on the coordinator's node (the CLI's --master-port); 0: a free one.
     store_port: int = 0
 
@@ -137,6 +138,7 @@ def validate(config: RunConfig) -> RunConfig:
         "wait_for_nodes_timeout_s",
         "worker_start_timeout_s",
         "abort_timeout_s",
+        "cause_wait_s",
         "probe_timeout_s",
         "heartbeat_interval_s",
         "join_debounce_s",
@@ -163,8 +165,9 @@ def validate(config: RunConfig) -> RunConfig:
         )
     if config.snapshot not in SNAPSHOT_MODES:
         raise ConfigError(
-            f"snapshot must be 'copy' (copy everything at each commit) or 'live' (keep optimizer-owned "
-            f"tensors by reference; commit right after optimizer.step()), got {config.snapshot!r}."
+            f"snapshot must be 'auto' (the default: live where the loop allows it, else copy), 'copy' (copy "
+            f"everything at each commit) or 'live' (keep optimizer-owned tensors by reference; commit right "
+            f"after optimizer.step()), got {config.snapshot!r}."
         )
     _require_int("store_port", config.store_port, 0)
     if config.store_port > 65535:

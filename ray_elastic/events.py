@@ -18,7 +18,7 @@ class Event:
     """One thing that happened to a run.
 
     `kind` is one of: round_formed, worker_lost, node_lost, restart,
-    scale_up, scale_down, waiting, node_ready, finished, failed, aborted,
+    scale_up, scale_down, waiting, node_ready, snapshot, finished, failed, aborted,
     drain (Ray is draining a node of the round: `data` has node_id, reason,
     deadline (epoch seconds or None) and path: "commit" (left at the next
     commit), "crash" (too close to the deadline: dropped as a crash),

@@ -9,8 +9,8 @@ first commit intervals that the parameters are unchanged between a commit and
 the next step (a checksum: writes through `.data` bypass version counters).
 
 - ``"live"``: a break raises `ConfigError` saying what to change.
-- ``"auto"``: commits are copies while the first `LEARN_INTERVALS` intervals are
-  watched; then, if none broke the shape, live. The first break seen at any time
+- ``"auto"``: the first `LEARN_INTERVALS` commits are copies while the loop is
+  watched; then, if nothing broke the shape, live. The first break seen at any time
   switches the run to copies for good (no error).
 - ``"copy"``: nothing is watched.
 """
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ray_elastic.errors import ConfigError
 
-LEARN_INTERVALS = 3  # commit intervals watched before "auto" keeps commits by reference
+LEARN_INTERVALS = 3  # commits "auto" keeps as copies while it watches the loop
 
 
 def collective_count() -> int | None:
@@ -98,11 +98,11 @@ class LoopShape:
         """Whether the commit being taken keeps optimizer-owned tensors by reference."""
         if self.mode == "live":
             return True
-        return self.mode == "auto" and self.broken is None and self.intervals >= LEARN_INTERVALS
+        return self.mode == "auto" and self.broken is None and self.intervals > LEARN_INTERVALS
 
     def learning(self) -> bool:
         """Still checking for parameter writes between a commit and the next step."""
-        return self.watching and self.broken is None and self.intervals < LEARN_INTERVALS
+        return self.watching and self.broken is None and self.intervals <= LEARN_INTERVALS
 
     def describe(self) -> tuple[str, str]:
         """(mode in use: "copy" | "live" | "auto", why); "auto" while still watching the first intervals."""
@@ -113,7 +113,7 @@ class LoopShape:
         if self.broken is not None:
             where = "" if self.broken_at_step is None else f" (after step {self.broken_at_step})"
             return "copy", f"snapshot='auto' keeps copies: {self.broken}{where}"
-        if self.intervals >= LEARN_INTERVALS:
+        if self.intervals > LEARN_INTERVALS:
             return "live", ("snapshot='auto' keeps optimizer state by reference: commit() follows each "
                             "optimizer.step() with no collective in between")
         return "auto", "snapshot='auto' is watching the first commits"

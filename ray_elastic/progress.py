@@ -31,6 +31,14 @@ def in_notebook() -> bool:
     return shell is not None and any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)
 
 
+def is_shown(event: Any, started: bool) -> bool:
+    """Whether a display prints this event: not a "waiting" that awaits no missing node (workers of
+    existing nodes starting), nor "node ready" before the first round (the round's line counts them)."""
+    if event.kind == "waiting" and event.data.get("missing", 1) == 0:
+        return False
+    return not (event.kind == "node_ready" and not started)
+
+
 def _status(snapshot: dict[str, Any]) -> str:
     metrics = snapshot.get("metrics") or {}
     parts = [f"step {metrics['step']}"] if "step" in metrics else []
@@ -55,13 +63,16 @@ class LogProgress:
         self.status_interval_s = status_interval_s
         self._last_status_at = time.monotonic()
         self._last_status = ""
+        self._started = False  # a round has formed
 
     def _write(self, line: str) -> None:
         print(f"[ray_elastic] {line}", file=self.stream or sys.stderr, flush=True)
 
     def update(self, snapshot: dict[str, Any]) -> None:
         for event in snapshot["events"]:
-            self._write(event.message)
+            if is_shown(event, self._started):
+                self._write(event.message)
+            self._started = self._started or event.kind == "round_formed"
         now = time.monotonic()
         status = _status(snapshot)
         moving = snapshot["state"] == "RUNNING" and "step" in (snapshot.get("metrics") or {})
@@ -97,6 +108,7 @@ class BarProgress:
             self.bar = std.tqdm(total=None, desc="ray_elastic", unit="step", file=stream)
         self._stream = stream
         self._step = 0
+        self._started = False
 
     def update(self, snapshot: dict[str, Any]) -> None:
         metrics = snapshot.get("metrics") or {}
@@ -113,8 +125,9 @@ class BarProgress:
             shown["loss"] = f"{metrics['loss']:.4g}"
         self.bar.set_postfix(shown, refresh=True)
         for event in snapshot["events"]:
-            if event.kind in _BAR_EVENTS:
+            if event.kind in _BAR_EVENTS and is_shown(event, self._started):
                 self.bar.write(f"[ray_elastic] {event.message}", file=self._stream)
+            self._started = self._started or event.kind == "round_formed"
 
     def close(self) -> None:
         self.bar.close()

@@ -80,7 +80,8 @@ def ddp_train(config: dict) -> dict:
     first_attempt_env (variables set in the worker while restart_count is 0, removed
     after: a crash hook that must fire once), trace_dir (see `_trace_commit` and
     `_log_commit`; a `stop_at` file there lowers `steps`, see `_step_limit`),
-    keep_model (build the module once per process and wrap it in DDP again on every entry).
+    keep_model (build the module once per process and wrap it in DDP again on every entry),
+    commit_every (commit only every N steps; default 1).
     """
     ctx = ray_elastic.get_context()
     for key, value in config.get("first_attempt_env", {}).items():
@@ -123,7 +124,8 @@ def ddp_train(config: dict) -> dict:
         state.worlds.append(ctx.world_size)
         committed = state.commit_id
         try:
-            state.commit()
+            if state.step % config.get("commit_every", 1) == 0:
+                state.commit()
         finally:  # a commit that raises MembershipChange did take its snapshot
             if trace_dir and state.commit_id != committed:
                 _log_commit(trace_dir, state.step, ctx.round_id)

@@ -69,6 +69,9 @@ class Restarting(State):
     last_answer: dict[str, float]
     trigger: str
     stalled: list[str] = field(default_factory=list)  # aborted for making no progress
+    announced: bool = True  # the worker_lost line is out (it waits for the first cause, see _announce)
+    detected: float = 0.0  # wall time the failure was detected
+    aborting: int = 0
     name = "RESTARTING"
 
 
@@ -105,6 +108,7 @@ class RunSummary:
     metrics_history: list[dict[str, Any]]
     worker_pids: list[int] = field(default_factory=list)
     error: Exception | None = None
+    snapshot: str = ""  # how commits were kept at the end: "copy" or "live"
 
 
 HISTORY_LIMIT = 10_000
@@ -154,6 +158,7 @@ class Controller(DrainSteps):
         self._last_ready_change = now
         self.drain = drain.DrainTracker()
         self._drains: dict[str, drain.DrainNotice] = {}
+        self.snapshot: tuple[str, str] | None = None  # rank 0's way of keeping commits, once decided
 
     # -- driving ---------------------------------------------------------------------------
     def request_abort(self, reason: str) -> None:
@@ -193,7 +198,17 @@ class Controller(DrainSteps):
             error=state.error if isinstance(state, Failed) else (
                 RunAbortedError(state.reason) if isinstance(state, Aborted) else None
             ),
+            snapshot=self.snapshot[0] if self.snapshot else (
+                "copy" if self.config.snapshot == "auto" else self.config.snapshot),
         )
+
+    def _note_snapshot(self, plan: RoundPlan, worker_id: str, snapshot: tuple[str, str]) -> None:
+        """Emit a `snapshot` event when rank 0 settles (or changes) how commits are kept."""
+        mode, reason = snapshot
+        if worker_id != plan.groups[0].workers[0] or mode not in ("copy", "live") or snapshot == self.snapshot:
+            return
+        self.snapshot = snapshot
+        self._emit("snapshot", reason, mode=mode, requested=self.config.snapshot)
 
     # -- helpers ----------------------------------------------------------------------------
     def _emit(self, kind: str, message: str, **data: Any) -> None:
@@ -264,7 +279,7 @@ class Controller(DrainSteps):
             )
         if decision.reason != state.last_message:
             state.last_message = decision.reason
-            self._emit("waiting", decision.reason, ready=len(ready))
+            self._emit("waiting", decision.reason, ready=len(ready), missing=decision.missing)
         self.group.wait(self.poll_s)
         return state
 
@@ -319,6 +334,7 @@ class Controller(DrainSteps):
     def _record_outcomes(self, state: Running | Restarting) -> None:
         for outcome in self.group.wait(self.poll_s):
             state.outcomes[outcome.worker_id] = outcome
+            self._note_snapshot(state.plan, outcome.worker_id, outcome.snapshot)
             if outcome.step is not None:
                 self.last_step[outcome.worker_id] = outcome.step
             self._record_reports(state.plan, outcome.worker_id, outcome.reports)
@@ -331,6 +347,7 @@ class Controller(DrainSteps):
             self._last_probe = now
         for beat in self.group.probe(state.plan.round_id):
             self._record_reports(state.plan, beat.worker_id, beat.reports)
+            self._note_snapshot(state.plan, beat.worker_id, beat.snapshot)
             if isinstance(state, Restarting):
                 state.last_answer[beat.worker_id] = now
                 continue
@@ -393,20 +410,53 @@ class Controller(DrainSteps):
             self.exporter.on_failure_detected(now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         self.group.abort(state.plan.round_id, unsettled)  # first: survivors are waiting
-        self._emit("worker_lost", f"round {state.plan.round_id}: {trigger}; aborting {len(unsettled)} other worker(s)",
-                   trigger=trigger, stalled=list(stalled or []))
-        return Restarting(
+        restarting = Restarting(
             plan=state.plan,
             outcomes=state.outcomes,
             since=now,
             last_answer={w: now for w in unsettled},
             trigger=trigger,
             stalled=list(stalled or []),
+            announced=False,
+            detected=time.time(),
+            aborting=len(unsettled),
         )
+        self._announce(restarting, now)
+        return restarting
+
+    def _announce(self, state: Restarting, now: float, force: bool = False) -> None:
+        """Emit the round's `worker_lost` line once it can name a cause, not only its consequences.
+
+        A peer's collective error (a victim) often arrives a moment before the failure that caused
+        it; the line waits up to `cause_wait_s` for a cause (an exception, a death, a hang).
+        """
+        if state.announced:
+            return
+        failures = [o for o in state.outcomes.values() if o.is_failure]
+        causes = [o for o in failures if not (o.kind is OutcomeKind.FAILED and o.communication)]
+        if not (causes or state.stalled or force or now - state.since >= self.config.cause_wait_s):
+            return
+        state.announced = True
+        ranks = {w: rank for rank, w in enumerate(state.plan.worker_ids)}
+        if causes:
+            first = causes[0]
+            trigger = f"rank {ranks[first.worker_id]} ({first.worker_id}) {first.kind.value}: {first.message}"
+        else:
+            trigger = state.trigger
+        echoes = [o for o in failures if o not in causes] if causes else []
+        consequence = (
+            "; as a consequence, the collective of rank(s) " + ", ".join(str(ranks[o.worker_id]) for o in echoes)
+            + " failed" if echoes else ""
+        )
+        aborting = f"; aborting {state.aborting} other worker(s)" if state.aborting else ""
+        self._emit("worker_lost", f"round {state.plan.round_id}: {trigger}{consequence}{aborting}",
+                   trigger=trigger, stalled=list(state.stalled), detected=state.detected,
+                   consequences=[o.worker_id for o in echoes])
 
     def _on_restarting(self, state: Restarting, now: float) -> State:
         self._record_outcomes(state)
         now = self.clock()
+        self._announce(state, now)
         self._record_heartbeats(state, now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         if unsettled:
@@ -433,6 +483,7 @@ class Controller(DrainSteps):
         return f"made no progress (commit or report) for more than hang_timeout_s={self.config.hang_timeout_s:g}s"
 
     def _finish_restart(self, state: Restarting) -> State:
+        self._announce(state, self.clock(), force=True)
         stalled = [
             WorkerOutcome(w, state.plan.round_id, OutcomeKind.HUNG, message=self._stall_message(),
                           step=self.last_step.get(w))

@@ -14,10 +14,11 @@ from ray_elastic.coordinator.types import NodeGroup, OutcomeKind, WorkerOutcome
 
 @dataclass(frozen=True)
 class FormDecision:
-    """Whether to form a round now, and why (or why not)."""
+    """Whether to form a round now, and why (or why not); `missing`: nodes that do not exist yet."""
 
     form: bool
     reason: str
+    missing: int = 0
 
 
 def decide_form(
@@ -29,8 +30,12 @@ def decide_form(
     gather_s: float,
 ) -> FormDecision:
     """Form once min_nodes are ready, giving nodes still starting a short window to make it."""
+    if num_ready + num_pending < min_nodes:
+        starting = f" ({num_pending} starting)" if num_pending else ""
+        missing = min_nodes - num_ready - num_pending
+        return FormDecision(False, f"waiting for {missing} more node(s){starting}", missing)
     if num_ready < min_nodes:
-        return FormDecision(False, f"waiting for {min_nodes - num_ready} more node(s)")
+        return FormDecision(False, f"starting workers on {min_nodes - num_ready} node(s)")
     if num_ready >= max_nodes:
         return FormDecision(True, f"{num_ready} node(s) ready (max_nodes={max_nodes})")
     if num_pending == 0:

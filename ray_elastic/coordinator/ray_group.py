@@ -291,10 +291,12 @@ class RayWorkerGroup(WorkerGroup):
     def wait(self, timeout_s: float) -> list[WorkerOutcome]:
         watched = list(self._round_refs)
         watched += [s.ready_ref for n in self.nodes.values() for s in n.slots if s is not None and s.status == STARTING]
+        watched += [n.pg_ready for n in self.nodes.values() if not n.placed]
         if not watched:
             time.sleep(timeout_s)
             return []
         ray.wait(watched, num_returns=1, timeout=timeout_s)
+        self._advance_startups()  # a group placed or a worker ready: act now, not at the next node poll
         pending = list(self._round_refs)
         done = ray.wait(pending, num_returns=len(pending), timeout=0)[0] if pending else []
         outcomes = []

@@ -107,6 +107,7 @@ class WorkerOutcome:
     step: int | None = None
     reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # not yet acknowledged
     first_seq: int = 0  # sequence number of reports[0]
+    snapshot: tuple[str, str] = ("", "")  # how this worker keeps commits, and why (SnapshotHolder.describe)
 
     @property
     def is_failure(self) -> bool:
@@ -123,3 +124,4 @@ class Heartbeat:
     step: int | None
     reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     first_seq: int = 0  # sequence number of reports[0]; reports are numbered per round
+    snapshot: tuple[str, str] = ("", "")  # how this worker keeps commits, and why (SnapshotHolder.describe)

@@ -107,7 +107,8 @@ class ElasticWorker:
             return Heartbeat(self.worker_id, round_id, -1, None)
         first_seq, reports = session.unacknowledged_reports(acked_seq)
         return Heartbeat(
-            self.worker_id, round_id, session.progress_count, session.last_committed_step, reports, first_seq
+            self.worker_id, round_id, session.progress_count, session.last_committed_step, reports, first_seq,
+            snapshot=self.snapshots.describe(),
         )
 
     def request_stop(self, round_id: int) -> None:
@@ -259,5 +260,5 @@ class ElasticWorker:
         first_seq, reports = session.unacknowledged_reports()
         return WorkerOutcome(
             self.worker_id, spec.round_id, kind, step=session.last_committed_step,
-            reports=reports, first_seq=first_seq, **fields
+            reports=reports, first_seq=first_seq, snapshot=self.snapshots.describe(), **fields
         )

@@ -13,6 +13,7 @@ import ray
 
 import ray_elastic
 from ray_elastic.testing import FaultInjector
+from tests.faults.matrix import Trace
 from tests.workloads import ddp_train
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(360)]
@@ -44,11 +45,13 @@ def test_event_log_file_and_exported_metrics(cluster, no_leaks, tmp_path, monkey
     cluster.resize(2)
     run_id = f"events-{time.time_ns()}"
     box: dict = {}
+    trace = Trace(tmp_path / "trace")  # its stop_at file ends the run once every series was seen
 
     def target() -> None:
         try:
             box["result"] = ray_elastic.run(
-                ddp_train, config={"steps": 150, "sleep_s": 0.1, "faults": FaultInjector().fail_at(rank=1, step=5)},
+                ddp_train, config={"steps": 1000, "sleep_s": 0.1, "faults": FaultInjector().fail_at(rank=1, step=5),
+                                   "trace_dir": str(trace.dir)},
                 min_nodes=2, max_restarts=2, name=run_id, event_log_path="events.jsonl", progress="none",
             )
         except BaseException as exc:  # noqa: BLE001 - re-raised below
@@ -68,6 +71,8 @@ def test_event_log_file_and_exported_metrics(cluster, no_leaks, tmp_path, monkey
         if not thread.is_alive() and "error" in box:
             break
         time.sleep(0.5)
+    if trace.commits():
+        trace.stop_at(max(c.step for c in trace.commits()) + 10)
     thread.join(200)
     assert "error" not in box, box.get("error")
     result = box["result"]
@@ -88,6 +93,7 @@ def test_event_log_file_and_exported_metrics(cluster, no_leaks, tmp_path, monkey
     restart = next(e for e in logged if e["kind"] == "restart")
     assert restart["data"]["restarts"] == 1 and "InjectedFault" in restart["message"]
     assert all(isinstance(e["time"], float) for e in logged)
+    assert result.metrics["step"] == max(c.step for c in trace.commits()) < 1000, "ended through stop_at"
     no_leaks(result.worker_pids)
 
 

@@ -1,6 +1,7 @@
 """Placement and up-front checks: GPU placement, GPUs or resources the cluster lacks.
 
-Nodes joining and leaving, hangs and below-min waits are fault-matrix rows (tests/faults/).
+Nodes joining and leaving, hangs and below-min waits (a cluster with no worker node yet included) are
+fault-matrix rows (tests/faults/).
 """
 
 from __future__ import annotations
@@ -53,3 +54,4 @@ def test_resources_no_node_can_hold_fail_fast(cluster):
         ray_elastic.run(_gpu_probe, nproc_per_node=2, resources_per_worker={"CPU": 2}, progress="none")
     assert "Lower nproc_per_node or resources_per_worker" in str(info.value)
     assert time.monotonic() - started < 10, "failed fast, no pending placement group"
+

@@ -1,11 +1,13 @@
 """Measuring one row of the fault matrix (docs RELIABILITY.md): traces, fault times and the checks.
 
 `tests.workloads.ddp_train` with `config["trace_dir"]` makes rank 0 append one
-line per committed step (`step wall_time pid round_id master_port`), and a
-`FaultInjector(log_path=...)` one line per fault fired. From these and the
-run's events (`worker_lost` = the coordinator knows) a row's figures follow:
+line per committed step (`step wall_time pid round_id master_port`), every
+rank one line per commit it took to a file of its process (`commits-<pid>.log`,
+outside the State: check (a)), and a `FaultInjector(log_path=...)` one line per
+fault fired. From these and the run's events (`worker_lost` = the coordinator
+knows) a row's figures follow:
 
-- detection: fault -> the first `worker_lost` event after it;
+- detection: fault -> the first `worker_lost` event after it (its `detected` time);
 - recovery: fault -> the first step committed in a later round;
 - steps redone: trace lines minus distinct steps (a step committed twice).
 """
@@ -93,12 +95,43 @@ class Trace:
             time.sleep(0.05)
         raise AssertionError(f"step {step} was not committed within {timeout_s}s; trace: {self.commits()[-3:]}")
 
+    def wait_for_commit_after(self, fault_time: float, timeout_s: float = 120.0, alive: Any = None) -> Commit:
+        """Block until a step was committed in a round later than the one `fault_time` hit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            commit = self.first_commit_after(fault_time)
+            if commit is not None:
+                return commit
+            if alive is not None and not alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"nothing committed after the fault within {timeout_s}s; trace: {self.commits()[-3:]}")
+
     def stop_at(self, step: int) -> int:
         """Make the run end after `step` (ddp_train reads `stop_at` each step; keep it ahead of every rank)."""
         tmp = self.dir / "stop_at.tmp"
         tmp.write_text(str(step))
         os.replace(tmp, self.dir / "stop_at")
         return step
+
+    def commits_by_process(self) -> dict[int, list[int]]:
+        """The steps each worker process committed, in order (every rank's own log, kept outside the State)."""
+        out = {}
+        for path in sorted(self.dir.glob("commits-*.log")):
+            out[int(path.stem.split("-")[1])] = [int(line.split()[0]) for line in path.read_text().splitlines()
+                                                 if line.strip()]
+        return out
+
+    def check_committed(self, steps: int, every: int = 1) -> None:
+        """Check (a) from outside the State: no process committed a step twice or went back to an
+        earlier one (a committed step lost, restored from an older commit and redone), and the
+        processes together committed every step from 1 to `steps` (every `every`-th) and none beyond."""
+        by_process = self.commits_by_process()
+        assert by_process, "no process logged a commit"
+        for pid, log in by_process.items():
+            assert all(b > a for a, b in zip(log, log[1:])), f"(a) process {pid} committed a step again: {log}"
+        done = sorted({step for log in by_process.values() for step in log})
+        assert done == list(range(every, steps + 1, every)), f"(a) steps committed by all processes: {done}"
 
     def redone(self) -> int:
         commits = self.commits()
@@ -138,18 +171,28 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def detection_s(events: Iterable[Any], fault_time: float, kind: str = "worker_lost") -> float | None:
-    """Fault -> the first `kind` event at or after it (the coordinator knows)."""
-    times = sorted(t for k, t, _, _ in map(event_fields, events) if k == kind and t >= fault_time)
+    """Fault -> the first `kind` event at or after it (the coordinator knows).
+
+    A `worker_lost` line may wait a moment for the failure's cause; its `detected` field is when
+    the coordinator first knew.
+    """
+    times = sorted(float(d.get("detected", t)) for k, t, d, _ in map(event_fields, events)
+                   if k == kind and t >= fault_time)
     return times[0] - fault_time if times else None
 
 
-def check_run(result: Any, steps: int, restarts: int) -> None:
-    """Checks (a), (b) and (c) of every row; (d) is the `no_leaks` fixture."""
+def check_run(result: Any, steps: int, restarts: int, trace: Trace | None = None, every: int = 1) -> None:
+    """Checks (a), (b) and (c) of every row; (d) is the `no_leaks` fixture.
+
+    (a) is checked on the State's own log and, with `trace`, on every process's log kept outside it.
+    """
     values = result.return_values
     assert [v["rank"] for v in values] == list(range(len(values)))
     for v in values:
         assert v["log"] == list(range(1, steps + 1)), "(a) every committed step exactly once, in order"
         assert v["weights"] == values[0]["weights"], "(b) all ranks end with identical weights"
+    if trace is not None:
+        trace.check_committed(steps, every)
     assert result.restarts == restarts, f"(c) restarts spent {result.restarts}, expected {restarts}"
 
 
@@ -187,22 +230,50 @@ class DeathWatch:
         return self.died_at
 
 
-@contextlib.contextmanager
-def bound_ports(count: int) -> Any:
-    """Hold `count` listening TCP sockets on ephemeral ports; yields their port numbers."""
-    import socket
+class Decoys:
+    """Listening TCP sockets on ephemeral ports that count the connections made to them (a thread accepts)."""
 
-    socks = []
-    try:
+    def __init__(self, count: int):
+        import socket
+
+        self._socks = []
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("0.0.0.0", 0))
-            sock.listen(1)
-            socks.append(sock)
-        yield [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
+            sock.listen(16)
+            sock.settimeout(0.1)
+            self._socks.append(sock)
+        self.ports = [s.getsockname()[1] for s in self._socks]
+        self.accepted: dict[int, int] = dict.fromkeys(self.ports, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            for sock in self._socks:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    continue
+                self.accepted[sock.getsockname()[1]] += 1
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self._socks:
             sock.close()
+
+
+@contextlib.contextmanager
+def decoy_ports(count: int) -> Any:
+    """`Decoys(count)`, closed on exit: ports already taken, which nothing of a run may connect to."""
+    decoys = Decoys(count)
+    try:
+        yield decoys
+    finally:
+        decoys.close()
 
 
 def ensure_nodes(cluster: Any, count: int, timeout_s: float = 60.0) -> None:

@@ -1,4 +1,4 @@
-"""Fault matrix rows 0-3, 7 and 8: no fault, a raise, a SIGKILL, a hang, two ranks at once, budget spent."""
+"""Fault matrix rows 0-3, 7 and 8: no fault, two ranks raising at once then one, a SIGKILL, a hang, budget spent."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import statistics
 import time
 
 import pytest
-import ray
 
 import ray_elastic
-from ray_elastic.api import coordinator_name
 from ray_elastic.testing import FaultInjector
 from ray_elastic.testing.leaks import find_leaks
 from tests.cluster.background import BackgroundRun
@@ -19,6 +17,11 @@ from tests.faults.matrix import DeathWatch, check_run, detection_s, ensure_nodes
 from tests.workloads import ddp_train
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+# Bounds on timings that hold on this 2-core machine under load (measured figures are in the fault matrix):
+# a dead process is seen by Ray within milliseconds (0.03 s measured), survivors re-form at once (0.07-0.26 s).
+DETECTION_BOUND_S = 1.0  # RELIABILITY.md, row 2
+RECOVERY_BOUND_S = 5.0
 
 
 def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, figures):
@@ -33,7 +36,7 @@ def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, fig
             step_s=statistics.median(b.wall - a.wall for a, b in zip(commits, commits[1:])))
     values = result.return_values
     assert len(values) == 4
-    check_run(result, steps, restarts=0)
+    check_run(result, steps, restarts=0, trace=trace)
     assert [(r.round_id, r.world_size) for r in result.rounds] == [(0, 4)]
     for v in values:
         rank = v["rank"]
@@ -52,44 +55,61 @@ def test_row0_happy_path_places_one_group_per_node(cluster, no_leaks, trace, fig
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
-def test_row1_train_fn_raising_once_resumes_from_last_commit(cluster, no_leaks, trace, figures):
+def test_rows_7_and_1_two_ranks_raising_together_count_once_then_one_raise_resumes_from_the_last_commit(
+        cluster, no_leaks, trace, figures):
+    """Rows 7 and 1 in one run: ranks 1 and 2 raise at the same step (one restart for both), then rank 1
+    raises alone in the next round (a second restart); each time training resumes from the last commit."""
     ensure_nodes(cluster, 4)
     steps = 24
-    faults = FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=17)
+    faults = (FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=4).fail_at(rank=2, step=4)
+              .fail_at(rank=1, step=17, restart_count=1))
     result = ray_elastic.run(ddp_train, config={"steps": steps, "faults": faults, "trace_dir": str(trace.dir)},
-                             min_nodes=2, max_restarts=3, progress="none")
-    fault = trace.fired()[0]
-    detected = detection_s(result.events, fault.wall)
-    figures(1, "train_fn raises once", detection_s=detected, recovery_s=trace.recovery_s(fault.wall),
-            steps_redone=trace.redone(), restarts=result.restarts, budget=3)
-    check_run(result, steps, restarts=1)
-    assert [v["context"]["restart_count"] for v in result.return_values] == [1, 1]
-    restart_events = [e for e in result.events if e.kind == "restart"]
-    assert len(restart_events) == 1 and "InjectedFault" in restart_events[0].message
-    assert trace.first_commit_after(fault.wall).step == 18, "resumed from the last commit (step 17)"
-    assert detected is not None and detected < 5.0
+                             min_nodes=3, max_nodes=3, max_restarts=2, progress="none")
+    fired = trace.fired()
+    assert sorted((f.rank, f.step) for f in fired[:2]) == [(1, 4), (2, 4)] and (fired[2].rank, fired[2].step) == (1, 17)
+    together, once = min(f.wall for f in fired[:2]), fired[2].wall
+    figures(7, "two ranks raise together", detection_s=detection_s(result.events, together),
+            recovery_s=trace.recovery_s(together), steps_redone=trace.redone(), restarts=1, budget=2)
+    detected = detection_s(result.events, once)
+    figures(1, "train_fn raises once", detection_s=detected, recovery_s=trace.recovery_s(once),
+            steps_redone=trace.redone(), restarts=1, budget=2)
+    check_run(result, steps, restarts=2, trace=trace)
+    assert [v["context"]["restart_count"] for v in result.return_values] == [2, 2, 2]
+    restarts = [e for e in result.events if e.kind == "restart"]
+    assert [e.data["restarts"] for e in restarts] == [1, 2], "two ranks failing together counted once"
+    assert len(restarts[0].data["causes"]) == 2 and all("InjectedFault" in e.message for e in restarts)
+    assert trace.first_commit_after(together).step == 5, "resumed from the last commit (step 4)"
+    assert trace.first_commit_after(once).step == 18, "resumed from the last commit (step 17)"
+    assert trace.redone() == 0
+    for fault_time in (together, once):
+        recovery = trace.recovery_s(fault_time)
+        assert recovery is not None and recovery < RECOVERY_BOUND_S, f"recovered after {recovery}s"
+    assert detected is not None and detected < DETECTION_BOUND_S
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
 def test_row2_sigkill_of_a_worker_costs_one_restart(cluster, no_leaks, trace, figures, tmp_path):
     ensure_nodes(cluster, 4)
-    steps, name = 60, f"sigkill-{time.time_ns()}"
-    run = BackgroundRun(tmp_path, ddp_train, config={"steps": steps, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+    name = f"sigkill-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
                         min_nodes=2, max_nodes=4, max_restarts=3, name=name)
-    run.wait_for("round_formed")
-    rank0 = trace.wait_for_step(3, alive=run.alive)
-    pids = ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
-    victim = next(pid for pid in pids if pid != rank0.pid)
+    run.wait_for("round_formed", world_size=4)  # at full size: the kill does not meet a scale-up forming
+    rank0 = trace.wait_for_step(trace.commits()[-1].step + 3 if trace.commits() else 3, alive=run.alive)
+    victim = next(pid for pid in trace.commits_by_process() if pid != rank0.pid)  # a member: it committed
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
+    steps = trace.stop_at(trace.wait_for_commit_after(killed_at, alive=run.alive).step + 10)
     result = run.join()
     detected = detection_s(result.events, killed_at)
     figures(2, "worker SIGKILL", detection_s=detected, recovery_s=trace.recovery_s(killed_at),
             steps_redone=trace.redone(), restarts=result.restarts, budget=3)
-    check_run(result, steps, restarts=1)
+    check_run(result, steps, restarts=1, trace=trace)
     assert any(e.kind == "restart" and "died" in e.message for e in result.events)
     assert victim not in {v["pid"] for v in result.return_values}
-    assert detected is not None and detected < 5.0, f"detection took {detected}s (RELIABILITY: < 1 s when quiet)"
+    assert detected is not None and detected < DETECTION_BOUND_S, f"detection took {detected}s"
+    recovery = trace.recovery_s(killed_at)
+    assert recovery is not None and recovery < RECOVERY_BOUND_S, f"recovered after {recovery}s"
+    assert trace.redone() == 0, "the survivors held the last commit: nothing committed is redone"
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
@@ -98,7 +118,7 @@ def test_row3_hung_rank_is_aborted_by_watchdog_and_a_woken_one_cannot_rejoin(clu
     """Two hangs (SIGSTOP): the first is woken (SIGCONT) as soon as the round is aborted and
     must only come back through a new round; the second stays stopped and is killed."""
     ensure_nodes(cluster, 4)
-    steps, hang_timeout_s, probe_timeout_s = 30, 8.0, 2.0
+    steps, hang_timeout_s, probe_timeout_s = 30, 5.0, 2.0
     faults = (FaultInjector(log_path=trace.faults_log).hang_at(rank=1, step=5)
               .hang_at(rank=1, step=12, restart_count=1))
     started = time.monotonic()
@@ -122,7 +142,7 @@ def test_row3_hung_rank_is_aborted_by_watchdog_and_a_woken_one_cannot_rejoin(clu
             woken_detection_s=detections[0], killed_after_s=None if died_at is None else died_at - stopped.wall,
             woken_rejoined=woken.pid in {v["pid"] for v in result.return_values})
     assert time.monotonic() - started < 150
-    check_run(result, steps, restarts=2)
+    check_run(result, steps, restarts=2, trace=trace)
     restart = [e for e in events if e.kind == "restart"]
     assert len(restart) == 2 and all("(hang)" in e.message for e in restart), [e.message for e in restart]
     for detected in detections:  # counted from the last progress the coordinator saw, which may predate the stop
@@ -134,20 +154,6 @@ def test_row3_hung_rank_is_aborted_by_watchdog_and_a_woken_one_cannot_rejoin(clu
     for v in result.return_values:  # the woken worker too, if it survived: it came back only through new rounds
         entered = [round_id for round_id, _, _ in v["restores"]]
         assert entered == sorted(set(entered)), f"pid {v['pid']} entered an old round again: {entered}"
-    no_leaks(result.worker_pids, ports=trace.ports())
-
-
-def test_row7_two_ranks_failing_together_count_once(cluster, no_leaks, trace, figures):
-    ensure_nodes(cluster, 4)
-    steps = 8
-    faults = FaultInjector(log_path=trace.faults_log).fail_at(rank=1, step=4).fail_at(rank=2, step=4)
-    result = ray_elastic.run(ddp_train, config={"steps": steps, "faults": faults, "trace_dir": str(trace.dir)},
-                             min_nodes=3, max_nodes=3, max_restarts=1, progress="none")
-    first = min(f.wall for f in trace.fired())
-    figures(7, "two ranks raise together", detection_s=detection_s(result.events, first),
-            recovery_s=trace.recovery_s(first), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
-    assert len(trace.fired()) == 2
-    check_run(result, steps, restarts=1)
     no_leaks(result.worker_pids, ports=trace.ports())
 
 

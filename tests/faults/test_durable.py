@@ -43,7 +43,7 @@ def test_row9_crash_mid_checkpoint_write_restores_the_previous_complete_one(clus
     resumed = trace.first_commit_after(crashed_at)
     figures(9, "crash mid checkpoint write", detection_s=detection_s(result.events, crashed_at),
             recovery_s=trace.recovery_s(crashed_at), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
-    check_run(result, steps, restarts=1)
+    check_run(result, steps, restarts=1, trace=trace)
     assert max(c.step for c in trace.commits() if c.wall < crashed_at) == 5, "crashed while committing step 6"
     assert result.return_values[0]["restored_from"] == "storage"
     assert resumed.step == 6, "restored the previous complete checkpoint (step 5), not the partial one"
@@ -89,7 +89,7 @@ def test_row10_coordinator_lost_tears_down_then_resume_continues(cluster, no_lea
     figures(10, "coordinator killed, then resume=True", detection_s=lost_at - killed_at,
             recovery_s=resumed.wall - killed_at, steps_redone=trace.redone(), restarts=result.restarts, budget=3,
             torn_down_s=torn_down_s, resumed_from_step=resumed.step - 1)
-    check_run(result, steps, restarts=0)
+    check_run(result, steps, restarts=0, trace=trace)
     assert resumed.step == stored_step + 1, "continued from the newest stored checkpoint, not from scratch"
     for v in result.return_values:  # model and optimizer (momentum) state are exactly the checkpoint's
         assert v["restored_from"] == "storage"

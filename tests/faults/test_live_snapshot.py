@@ -66,7 +66,7 @@ def test_live_snapshot_survives_a_sigkill_and_hands_its_state_to_the_newcomer(cl
     """With the module built once per process and wrapped in DDP again on each entry (issue 18.1): DDP's
     constructor broadcast writes into the kept parameters twice (re-forming without the victim, then with
     the newcomer), and survivors must still restore the commit."""
-    ensure_nodes(cluster, 3)
+    ensure_nodes(cluster, 4)  # max_nodes=3: the 4th node stays idle
     name = f"live-kill-{time.time_ns()}"
     config = {"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir), "keep_model": True}
     run = BackgroundRun(tmp_path, ddp_train, config=config,
@@ -112,3 +112,25 @@ def test_train_fn_raising_after_its_step_on_every_rank(snapshot, cluster, no_lea
     assert lost and "commit 1 (step 2) is lost" in lost[0].message and "resume=True" in lost[0].message
     assert [c.step for c in trace.commits()] == [1, 2], "nothing ran past the lost commit"
     no_leaks(ports=trace.ports())
+
+
+def test_auto_keeps_copies_for_a_loop_committing_every_5_steps_and_a_kill_loses_nothing(cluster, no_leaks, trace):
+    """snapshot='auto' (the default) on a loop that steps 5 times per commit: it must keep copies (live would
+    lose the commit: every survivor's optimizer moved past it), say so, and lose no committed step when a
+    peer is killed after its step, two steps past a commit (issue 14)."""
+    ensure_nodes(cluster, 4)
+    steps = 20
+    after_step = FaultInjector(log_path=trace.faults_log).kill_at(rank=1, step=12)
+    result = ray_elastic.run(
+        ddp_train, config={"steps": steps, "commit_every": 5, "faults_after_step": after_step,
+                           "trace_dir": str(trace.dir)},
+        min_nodes=2, max_nodes=2, max_restarts=1, progress="none",
+    )
+    fired = trace.fired()
+    assert [(f.kind, f.rank, f.step) for f in fired] == [("kill", 1, 12)]
+    check_run(result, steps, restarts=1, trace=trace, every=5)
+    assert trace.first_commit_after(fired[0].wall).step == 15, "resumed from the commit of step 10"
+    assert result.snapshot == "copy"
+    [chosen] = [e for e in result.events if e.kind == "snapshot"]
+    assert chosen.data["mode"] == "copy" and "more than once between two commits" in chosen.message
+    no_leaks(result.worker_pids, ports=trace.ports())

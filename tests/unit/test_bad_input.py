@@ -39,7 +39,7 @@ def _noop(config):
         ({"progress": "fancy"}, "progress must be"),
         ({"warmup_modules": "torch._dynamo"}, "warmup_modules must be a list of module names"),
         ({"warmup_modules": ["torch._no_such_module"]}, "cannot be imported here: ['torch._no_such_module']"),
-        ({"snapshot": "lazy"}, "snapshot must be 'copy'"),
+        ({"snapshot": "lazy"}, "snapshot must be 'auto'"),
     ],
 )
 def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message, ray_disconnected):
@@ -75,3 +75,31 @@ def test_errors_pickle_with_their_payload():
     back = pickle.loads(pickle.dumps(err))
     assert back.first_failure == first and back.restarts == 3 and str(back) == str(err)
     assert isinstance(ConfigError("x"), ValueError) and issubclass(ConfigError, ray_elastic.ElasticError)
+
+
+def _node(cpus: float, gpus: float = 0.0, alive: bool = True):
+    from ray_elastic.placement import NodeInfo
+
+    return NodeInfo(f"n{cpus}-{gpus}", {"CPU": cpus, "GPU": gpus, "memory": 1e9}, alive)
+
+
+def test_feasibility_rejects_only_what_no_node_or_node_type_could_ever_hold():
+    """Issue 18.4: an empty cluster (a CPU-less head) or one an autoscaler will grow is not rejected."""
+    from ray_elastic.config import RunConfig
+    from ray_elastic.placement import check_feasible
+
+    two = RunConfig(run_id="t", nproc_per_node=2)
+    head = _node(0)
+    assert check_feasible(two, [head, _node(2), _node(4)]) == 2
+    assert check_feasible(two, [head]) == 0, "no worker node yet: wait for one"
+    assert check_feasible(two, [head], node_types=[{"CPU": 4.0}]) == 0, "an autoscaler can add one"
+    with pytest.raises(ConfigError, match="no node can hold nproc_per_node=2"):
+        check_feasible(two, [head, _node(1)])  # worker nodes are up and none is large enough
+    with pytest.raises(ConfigError, match="no node can hold nproc_per_node=2 .* the largest node has \\{'CPU': 1"):
+        check_feasible(two, [head], node_types=[{"CPU": 1.0}])  # nor any node type
+    gpu = RunConfig(run_id="t", use_gpu=True)
+    with pytest.raises(ConfigError, match="no GPUs"):
+        check_feasible(gpu, [head, _node(2)])
+    assert check_feasible(gpu, [head, _node(2)], node_types=[{"CPU": 8.0, "GPU": 1.0}]) == 0
+    with pytest.raises(ConfigError, match="no GPUs"):
+        check_feasible(gpu, [head], node_types=[{"CPU": 8.0}])

@@ -204,12 +204,36 @@ def test_communication_errors_of_victims_are_not_causes():
     assert controller.restarts == 1
 
 
+def test_the_failure_line_waits_for_the_cause_and_lists_victims_as_consequences():
+    """Issue 14: a survivor's collective error arrives before the exception that caused it; the first
+    line about the failure names the cause's rank and error, the victim as a consequence."""
+    controller, group = make(nodes=3)
+    group.settle_on_abort = False
+    run_round(controller, group, 0)
+    r0, r1, r2 = group.members
+    group.fail(r0, "RuntimeError: Connection closed by peer", communication=True)
+    controller.step()
+    assert isinstance(controller.state, Restarting) and group.aborts == [(0, [r1, r2])], "aborted at once"
+    assert events(controller, "worker_lost") == [], "no line yet: only a consequence is known"
+    controller.step()
+    group.fail(r1, "InjectedFault: injected failure on rank 1 at step 10")
+    group.stop(r2)
+    run_round(controller, group, 1)
+    [lost] = events(controller, "worker_lost")
+    assert lost.message.startswith(f"round 0: rank 1 ({r1}) failed: InjectedFault"), lost.message
+    assert "as a consequence, the collective of rank(s) 0 failed" in lost.message
+    assert lost.data["consequences"] == [r0] and lost.data["detected"] <= lost.time
+    assert kinds(controller).index("worker_lost") < kinds(controller).index("restart")
+
+
 def test_a_communication_error_alone_is_still_blamed():
     controller, group = make(nodes=2)
     run_round(controller, group, 0)
     group.fail(group.member(1), "Connection reset", communication=True)
     run_round(controller, group, 1)
     assert [(f.kind, f.rank) for f in controller.failures] == [("exception", 1)]
+    [lost] = events(controller, "worker_lost")  # after cause_wait_s with no other cause: the error itself
+    assert "Connection reset" in lost.message
 
 
 def test_budget_exhausted_fails_naming_the_first_failure():

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ray_elastic import ConfigError, SnapshotLostError
 from ray_elastic.context import Session, set_session
+from ray_elastic.loop_shape import LEARN_INTERVALS
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import State
 from tests.unit.test_state import _context
@@ -208,3 +209,68 @@ def test_a_kept_module_wrapped_in_ddp_again_still_restores_its_commit(live, one_
     again = State(model=model, optimizer=opt, step=0)
     assert again.restored_from == "memory" and again.step == 1
     _assert_state(model, opt, committed)
+
+
+@pytest.fixture
+def auto():
+    snapshots = SnapshotHolder("auto")
+    set_session(Session(_context(), snapshots))
+    yield snapshots
+    set_session(None)
+
+
+def _held_by_reference(holder, model) -> bool:
+    return holder.items["model"]["0.weight"].data_ptr() == model[0].weight.data_ptr()
+
+
+def test_auto_copies_while_watching_the_first_commits_then_keeps_a_step_per_commit_loop_live(auto):
+    model, opt = _model_and_opt()
+    state = State(model=model, optimizer=opt, step=0)
+    for _ in range(LEARN_INTERVALS):
+        _step(model, opt)
+        state.commit()
+        assert not _held_by_reference(auto, model) and auto.describe()[0] in ("auto", "live")
+    _step(model, opt)
+    state.commit()
+    assert _held_by_reference(auto, model) and auto.describe()[0] == "live"
+
+
+def test_auto_switches_to_copies_for_good_at_the_first_break_without_an_error(auto):
+    model, opt = _model_and_opt()
+    state = State(model=model, optimizer=opt, step=0)
+    for _ in range(LEARN_INTERVALS + 1):
+        _step(model, opt)
+        state.commit()
+    assert _held_by_reference(auto, model)
+    state.step = 7
+    _step(model, opt)
+    _step(model, opt)  # two steps between commits: live would raise ConfigError
+    state.commit()
+    mode, reason = auto.describe()
+    assert mode == "copy" and "more than once between two commits" in reason and "after step 0" in reason
+    for _ in range(LEARN_INTERVALS + 1):
+        _step(model, opt)
+        state.commit()
+    assert not _held_by_reference(auto, model), "copies for good"
+
+
+def test_auto_keeps_copies_for_a_loop_that_writes_parameters_between_commit_and_step(auto):
+    model, opt = _model_and_opt()
+    state = State(model=model, optimizer=opt, step=0)
+    _step(model, opt)
+    state.commit()
+    model[0].weight.data.clamp_(-0.1, 0.1)  # e.g. weight clipping at the top of the loop, through .data
+    _step(model, opt)
+    state.commit()
+    assert auto.describe() == ("copy", "snapshot='auto' keeps copies: the parameters change between a commit "
+                                       "and the next optimizer step (after step 0)")
+
+
+def test_live_rejects_a_loop_that_writes_parameters_between_commit_and_step(live):
+    model, opt = _model_and_opt()
+    state = State(model=model, optimizer=opt, step=0)
+    _step(model, opt)
+    state.commit()
+    model[0].weight.data.clamp_(-0.1, 0.1)
+    with pytest.raises(ConfigError, match="parameters left alone between state.commit"):
+        _step(model, opt)

@@ -121,3 +121,22 @@ def test_bar_counts_steps_and_follows_a_rollback():
     bar.close()
     text = stream.getvalue()
     assert "ray_elastic" in text and "restarts=0" in text and "[ray_elastic] round 0 failed" in text
+
+
+def test_log_lines_leave_out_waits_for_nothing_and_nodes_counted_by_the_round_line():
+    """Issue 14: starting the workers of nodes that exist is not a wait for nodes, and the first round's
+    line says how many nodes there are; a real wait, and a node joining a running run, are shown."""
+    out = io.StringIO()
+    display = LogProgress(stream=out)
+    display.update(_snapshot(0, [
+        Event("waiting", "r", -1, "WAITING", "starting workers on 1 node(s)", data={"missing": 0}),
+        Event("node_ready", "r", -1, "WAITING", "node abc ready to join"),
+        Event("round_formed", "r", 0, "FORMING", "round 0: 1 node(s), world size 2 (start)"),
+        Event("node_ready", "r", 0, "RUNNING", "node def ready to join"),
+        Event("waiting", "r", 0, "WAITING", "waiting for 1 more node(s)", data={"missing": 1}),
+    ], state="WAITING"))
+    assert out.getvalue().splitlines() == [
+        "[ray_elastic] round 0: 1 node(s), world size 2 (start)",
+        "[ray_elastic] node def ready to join",
+        "[ray_elastic] waiting for 1 more node(s)",
+    ]
