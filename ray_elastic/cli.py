@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         _flag(run, name.replace("_", "-"), default=None, help=argparse.SUPPRESS)
     run.add_argument("training_script", help="the script (or module with -m) every process runs")
     run.add_argument("training_script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    stacks = commands.add_parser(
+        "stacks", help="print every rank's Python stack in a running run",
+        description="Print where every worker of a running run is: its training thread's Python stack (a "
+                    "script's, read with py-spy) and the collective it waits in.",
+    )
+    stacks.add_argument("run_name", help="the run's name: run(name=...) or --rdzv-id")
+    stacks.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    stacks.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the workers (default 10)")
     return parser
 
 
@@ -252,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    if args.command == "stacks":
+        from ray_elastic.diagnostics import print_stacks
+
+        return print_stacks(args.run_name, args.address, args.timeout)
     try:
         plan = plan_launch(args)
     except ConfigError as exc:

@@ -292,7 +292,10 @@ def run_script(spec: ScriptSpec) -> dict[str, Any]:
                          None if temporary else rank_dir, spec.kill_grace_s)
     session.add_interrupt_handler(proc.interrupt)
     try:
-        exit_code = proc.wait() if proc.start() else None
+        started = proc.start()
+        if started and proc.pid is not None:
+            session.subprocess_pids.append(proc.pid)
+        exit_code = proc.wait() if started else None
         failure = None if exit_code in (0, None) else script_failure(exit_code, str(error_file),
                                                                       list(proc.stderr_tail))
     finally:
