@@ -49,19 +49,24 @@ def collective_state() -> tuple[int, str]:
         issued = int(group._get_sequence_number_for_group())  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - diagnostics never fail the caller
         return -1, ""
-    return issued, _flight_recorder_op(issued)
+    return issued, _flight_recorder_op(str(getattr(group, "group_name", "0")), issued)
 
 
-def _flight_recorder_op(seq: int) -> str:
-    """The op of collective `seq` of the default group in torch's flight recorder; "" if not recorded."""
+def _flight_recorder_op(group_name: str, seq: int) -> str:
+    """The op of collective `seq` of the default group in torch's flight recorder; "" if not recorded.
+
+    The recorder keeps entries of every group this process formed (one per round), newest last.
+    """
     try:
         import torch._C._distributed_c10d as c10d
 
         dump = pickle.loads(c10d._dump_fr_trace())  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - not in this torch, or the recorder is off
         return ""
-    for entry in reversed(dump.get("entries") or []):
-        if str(entry.get("pg_id", 0)) == "0" and entry.get("collective_seq_id") == seq:
+    entries = [e for e in dump.get("entries") or [] if (e.get("process_group") or ("",))[0] == group_name]
+    newest = max((e.get("pg_id", 0) for e in entries), default=0)
+    for entry in reversed(entries):
+        if entry.get("pg_id", 0) == newest and entry.get("collective_seq_id") == seq:
             return str(entry.get("profiling_name", ""))
     return ""
 
