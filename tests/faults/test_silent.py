@@ -295,3 +295,38 @@ def test_slow_durable_checkpoint_is_busy_not_hung_when_a_peer_fails(cluster, no_
     written = {m["step"]: m["writer_pid"] for m in _manifests(storage)}
     assert written.get(4) == writer, f"the interrupted round's checkpoint completed: {written}"
     no_leaks(result.worker_pids, ports=trace.ports())
+
+
+SCRIPT = '''
+import time
+
+
+def waiting_in_the_script():
+    time.sleep(float(__import__("sys").argv[1]))
+
+
+waiting_in_the_script()
+'''
+
+
+def test_stacks_of_a_cli_script_are_read_with_py_spy(cluster, no_leaks, tmp_path):
+    """`ray-elastic run` scripts run in subprocesses: their stacks come from py-spy."""
+    from ray_elastic.launcher import ScriptSpec, run_script
+
+    ensure_nodes(cluster, 2)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    name = f"script-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, run_script, config=ScriptSpec(command=(str(script), "8")), name=name,
+                        min_nodes=2, max_nodes=2, max_restarts=0, hang_timeout_s=None, init_process_group=False,
+                        warmup_modules=())
+    run.wait_for("round_formed")
+    time.sleep(2.0)  # the scripts have started
+    found = {s.rank: s for s in ray_elastic.stacks(name, timeout_s=10)}
+    result = run.join()
+    assert sorted(found) == [0, 1]
+    for rank_stack in found.values():
+        assert "waiting_in_the_script" in rank_stack.stack, rank_stack
+        assert "py-spy" in rank_stack.note
+    assert len(result.return_values) == 2
+    no_leaks(result.worker_pids)
