@@ -128,6 +128,9 @@ def run_system(make: Any, faults: list[str], args: argparse.Namespace, root: Pat
                 results.append(result)
                 if not result.recovered:
                     break
+            else:
+                logs.write_stop_at(logs.max_step() + 10)
+                log(f"{launcher.name}: {launcher.finish(args.timeout)}")
         finally:
             launcher.close()
     return results
@@ -179,6 +182,8 @@ def main() -> None:
         args.freezes, args.node_kills, args.baseline_freezes, args.timeout = 2, 2, 1, 60.0
     exit_on_sigterm()
     tune_ray_train(args.ray_train_poll_s)
+    # A run left stuck in its thread must not reconnect to the cluster being shut down under it.
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     header = machine_line()
     started = time.monotonic()
     restarts = args.freezes + args.node_kills + 2
