@@ -2,6 +2,7 @@
 
 from ray_elastic.api import RunResult, run
 from ray_elastic.context import TrainContext, get_context, report
+from ray_elastic.diagnostics import RankStack, stacks
 from ray_elastic.errors import (
     ConfigError,
     CoordinatorLostError,
@@ -24,6 +25,7 @@ __all__ = [
     "FailureInfo",
     "NotEnoughNodesError",
     "RunAbortedError",
+    "RankStack",
     "RunNameInUseError",
     "RunResult",
     "SnapshotLostError",
@@ -33,5 +35,6 @@ __all__ = [
     "get_context",
     "report",
     "run",
+    "stacks",
 ]
 __version__ = "0.1.0"

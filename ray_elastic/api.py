@@ -175,7 +175,8 @@ def run(
         wait_for_nodes_timeout_s: how long to wait below min_nodes before failing.
         hang_timeout_s: a round with no commit/report for this long is treated as hung (None: off).
         abort_timeout_s: how long an aborted worker may take to leave its round before it is killed.
-        probe_timeout_s: after an abort, a worker silent to liveness probes this long is killed.
+        probe_timeout_s: a worker that answers no liveness probe for this long, and whose native
+            (GIL-free) pulse does not answer either, is lost to silence (frozen, or cut off).
         worker_start_timeout_s: how long placing and starting workers on existing nodes may take.
         heartbeat_interval_s: how often the coordinator probes workers (progress, metrics).
         join_debounce_s: a burst of joining nodes settles for this long before one re-form.

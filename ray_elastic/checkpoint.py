@@ -42,6 +42,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -280,14 +281,20 @@ class Checkpointer:
     def should_save(self, commit_id: int, rank: int) -> bool:
         return rank == 0 and commit_id >= 0 and (commit_id + 1) % self.every == 0
 
-    def maybe_save(self, holder: Any, context: Any) -> Path | None:
+    def maybe_save(self, holder: Any, context: Any, before_publish: Callable[[], None] | None = None) -> Path | None:
         """Write the holder's snapshot when this commit is due and this is rank 0; return its path."""
         if not self.should_save(holder.commit_id, context.rank):
             return None
-        return self.save(holder.as_payload())
+        return self.save(holder.as_payload(), before_publish)
 
-    def save(self, payload: dict[str, Any]) -> Path:
-        """Write one checkpoint atomically (see the module docstring), then prune old ones."""
+    def save(self, payload: dict[str, Any], before_publish: Callable[[], None] | None = None) -> Path:
+        """Write one checkpoint atomically (see the module docstring), then prune old ones.
+
+        Args:
+            payload: the snapshot.
+            before_publish: called once the data is written, before the checkpoint replaces
+                anything in the run directory; raising there abandons the write (a fenced worker).
+        """
         commit_id = int(payload["commit_id"])
         final = self.run_dir / checkpoint_dir_name(commit_id)
         tmp = self.run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -300,6 +307,8 @@ class Checkpointer:
                 os.fsync(file.fileno())
             _fsync_dir(tmp)
             _crash_point("before_rename", commit_id)
+            if before_publish is not None:
+                before_publish()
             if final.exists():  # a leftover without manifest, or one that failed its checksum
                 _remove_tree(final)
             os.replace(tmp, final)
@@ -315,6 +324,7 @@ class Checkpointer:
             "step": step if isinstance(step, (int, float)) else None,
             "world_size": payload["world_size"],
             "time": time.time(),
+            "writer_pid": os.getpid(),
             "files": {STATE_FILE: {"size": writer.size, "sha256": writer.sha256.hexdigest()}},
         }
         manifest_tmp = final / f"{TMP_PREFIX}{MANIFEST}"

@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
             return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+        if args.command == "stacks":
+            from ray_elastic.diagnostics import print_stacks
+
+            return print_stacks(args.run_name, args.address, args.timeout)
         ray_mod = sys.modules.get("ray")
         plan = plan_launch(args, ray_connected=bool(ray_mod is not None and ray_mod.is_initialized()))
     except ConfigError as exc:

@@ -136,6 +136,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             run.add_argument(*flag.names, dest=flag.dest, default=default, choices=flag.choices, help=text)
     run.add_argument("training_script", help="the script (or module with -m) every process runs")
     run.add_argument("training_script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    stacks = commands.add_parser(
+        "stacks", help="print every rank's Python stack in a running run",
+        description="Print where every worker of a running run is: its training thread's Python stack (a "
+                    "script's, read with py-spy) and the collective it waits in.",
+    )
+    stacks.add_argument("run_name", help="the run's name: run(name=...) or --rdzv-id")
+    stacks.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    stacks.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the workers (default 10)")
     return parser
 
 

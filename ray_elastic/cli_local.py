@@ -138,7 +138,7 @@ class LocalWorkerGroup(WorkerGroup):
         if round_id == self._round_id:
             self._interrupt(list(self.worker_ids), "stop")
 
-    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+    def abort(self, round_id: int, worker_ids: list[str], diagnose: bool = False) -> None:
         if round_id != self._round_id:
             return
         if self.store is not None:

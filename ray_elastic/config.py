@@ -152,6 +152,18 @@ def validate(config: RunConfig) -> RunConfig:
     _require_seconds("hang_timeout_s", config.hang_timeout_s, allow_none=True)
     if config.collective_timeout_s == 0:
         raise ConfigError("collective_timeout_s must be > 0.")
+    if config.hang_timeout_s == 0:
+        raise ConfigError("hang_timeout_s must be > 0 (every rank would be hung at once), or None to turn the "
+                          "hang watchdog off.")
+    if config.probe_timeout_s == 0:
+        raise ConfigError("probe_timeout_s must be > 0: it is how long a worker may stay silent before it is "
+                          "declared lost (default 2).")
+    if config.probe_timeout_s < 2 * config.heartbeat_interval_s:
+        raise ConfigError(
+            f"probe_timeout_s ({config.probe_timeout_s:g}) must be at least twice heartbeat_interval_s "
+            f"({config.heartbeat_interval_s:g}): probes go out every heartbeat_interval_s, so a healthy worker "
+            f"would look silent. Raise probe_timeout_s or lower heartbeat_interval_s."
+        )
     if isinstance(config.warmup_modules, str) or not all(
         isinstance(m, str) and m for m in config.warmup_modules
     ):

@@ -58,6 +58,9 @@ class Session:
         self.last_progress = time.monotonic()
         self.last_committed_step: int | None = None
         self._interrupt_handlers: list[Callable[[str], None]] = []
+        # Processes running this rank's training outside the worker (a script subprocess): `stacks` reads
+        # theirs with py-spy.
+        self.subprocess_pids: list[int] = []
         # (work, flag) of the stop-flag all-reduce the last commit started (see State.commit).
         self.pending_agreement: tuple[Any, Any] | None = None
 

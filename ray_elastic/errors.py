@@ -62,13 +62,16 @@ class FailureInfo:
 
     Attributes:
         kind: "exception" (train_fn raised), "died" (the process or its node
-            went away), or "hang" (stopped making progress).
+            went away), "hang" (stopped making progress), or "silent" (answered
+            no liveness probe nor its native pulse for probe_timeout_s: stopped,
+            its node frozen, or cut off).
         rank: global rank in the round where it failed (-1 if not yet assigned).
         node_id: Ray node id of the worker.
         round_id: the round it failed in.
         step: the last committed step seen from that rank, if known.
         message: one-line summary.
-        traceback: formatted traceback of the exception, if any.
+        traceback: formatted traceback of the exception, if any; for a hang or a
+            silent rank, its stack when the round was aborted and where every rank was.
     """
 
     kind: str
@@ -120,6 +123,12 @@ class TrainingFailedError(ElasticError):
             lines.append(f"Root cause (first observed failure): {self.first_failure.describe()}")
             if self.first_failure.traceback:
                 lines.append(self.first_failure.traceback.rstrip())
+            for other in self.failures:  # every other rank stuck in the same round, with its stack
+                if other != self.first_failure and other.round_id == self.first_failure.round_id and (
+                        other.kind in ("hang", "silent")):
+                    lines.append(f"Also stuck: {other.describe()}")
+                    if other.traceback:
+                        lines.append(other.traceback.rstrip())
         return "\n".join(lines)
 
     def __reduce__(self):

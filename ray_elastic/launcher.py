@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,8 +260,8 @@ class RankRun:
             routes,  # type: ignore[arg-type]
         )
 
-    def run(self) -> dict[str, Any]:
-        """Run the script to its end.
+    def run(self, on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Run the script to its end; `on_start(pid)` once it started (for stack dumps of the script).
 
         Returns:
             {"rank", "pid", "exit_code": 0} when the script succeeded on its own.
@@ -272,7 +272,10 @@ class RankRun:
             ScriptFailedError: the script exited non-zero (exit code, its traceback).
         """
         try:
-            exit_code = self.proc.wait() if self.proc.start() else None
+            started = self.proc.start()
+            if started and on_start is not None and self.proc.pid is not None:
+                on_start(self.proc.pid)
+            exit_code = self.proc.wait() if started else None
             failure = None if exit_code in (0, None) else script_failure(
                 exit_code, str(self.error_file), list(self.proc.stderr_tail), self.proc.pid)
         finally:
@@ -312,6 +315,6 @@ def run_script(spec: ScriptSpec) -> dict[str, Any]:
     rank_run = RankRun(spec, place, os.environ)
     session.add_interrupt_handler(rank_run.proc.interrupt)
     try:
-        return rank_run.run()
+        return rank_run.run(on_start=session.subprocess_pids.append)
     except RoundStopped:
         raise MembershipChange() from None

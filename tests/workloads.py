@@ -8,6 +8,7 @@ import time
 import torch
 
 import ray_elastic
+from ray_elastic.testing.faults import SlowToSave
 
 ENV_KEYS = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -71,6 +72,43 @@ def _step_limit(steps: int, trace_dir: str | None) -> int:
         return steps
 
 
+def stuck_in_user_code(seconds: float) -> None:
+    """A rank stuck outside any collective (a hang the watchdog must explain by this name)."""
+    time.sleep(seconds)
+
+
+def hold_the_gil(seconds: float) -> None:
+    """One C call that never lets the GIL go (`sum` over a range), sized to last about `seconds`."""
+    started = time.perf_counter()
+    sum(range(1_000_000))
+    per_item = max(time.perf_counter() - started, 1e-9) / 1_000_000
+    sum(range(int(seconds / per_item)))
+
+
+def python_busy_loop(seconds: float) -> None:
+    """A pure-Python loop: it holds the GIL, but gives it up every switch interval."""
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+
+
+_HOOKS = {"stuck": stuck_in_user_code, "gil_call": hold_the_gil, "python_loop": python_busy_loop}
+
+
+def _run_hooks(config: dict, ctx, step: int) -> None:
+    """`config["hooks"]`: [{"kind", "rank", "step", "seconds", "restart_count" (0)}], run before that step;
+    each run appends `kind rank step start end pid` to `<trace_dir>/hooks.log`."""
+    for hook in config.get("hooks", ()):
+        if (hook["rank"], hook["step"], hook.get("restart_count", 0)) != (ctx.rank, step, ctx.restart_count):
+            continue
+        started = time.time()
+        _HOOKS[hook["kind"]](hook["seconds"])
+        if config.get("trace_dir"):
+            with open(os.path.join(config["trace_dir"], "hooks.log"), "a", encoding="utf-8") as out:
+                out.write(f"{hook['kind']} {ctx.rank} {step} {started:.6f} {time.time():.6f} {os.getpid()}\n")
+
+
 def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
@@ -81,7 +119,8 @@ def ddp_train(config: dict) -> dict:
     after: a crash hook that must fire once), trace_dir (see `_trace_commit` and
     `_log_commit`; a `stop_at` file there lowers `steps`, see `_step_limit`),
     keep_model (build the module once per process and wrap it in DDP again on every entry),
-    commit_every (commit only every N steps; default 1).
+    commit_every (commit only every N steps; default 1), hooks (busy or stuck
+    ranks, see `_run_hooks`), slow_checkpoint_s (each durable write takes that long).
     """
     ctx = ray_elastic.get_context()
     for key, value in config.get("first_attempt_env", {}).items():
@@ -100,7 +139,8 @@ def ddp_train(config: dict) -> dict:
             _kept["net"] = net
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], worlds=[])
+    extra = {"ballast": SlowToSave(config["slow_checkpoint_s"])} if config.get("slow_checkpoint_s") else {}
+    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], worlds=[], **extra)
     _restores.append((ctx.round_id, state.restored_from, state_digest(model, opt)))
     resets: list[int] = []
     state.register_reset_callback(lambda c: resets.append(c.world_size))
@@ -112,6 +152,7 @@ def ddp_train(config: dict) -> dict:
     while state.step < _step_limit(config["steps"], trace_dir):
         if faults is not None:
             faults.check(state.step)
+        _run_hooks(config, ctx, state.step)
         x = torch.randn(16, width, dtype=torch.float64, generator=generator)
         loss = model(x).pow(2).mean()
         opt.zero_grad()

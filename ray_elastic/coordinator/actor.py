@@ -11,6 +11,7 @@ from ray import cloudpickle
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.controller import Controller, RunSummary
 from ray_elastic.coordinator.ray_group import RayWorkerGroup
+from ray_elastic.diagnostics import compare_collectives
 from ray_elastic.events import EventLog
 from ray_elastic.metrics import MetricsExporter
 
@@ -56,6 +57,21 @@ class Coordinator:
 
     def worker_pids(self) -> list[int]:
         return self.group.worker_pids()
+
+    def stacks(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Every live worker's stack (see `ray_elastic.diagnostics.stacks`), as plain dicts."""
+        plan = getattr(self.controller.state, "plan", None)
+        ranks = {} if plan is None else {w: rank for rank, w in enumerate(plan.worker_ids)}
+        found = self.group.collect_stacks(timeout_s)
+        standing = compare_collectives(
+            {f"rank {ranks[r.worker_id]}": (r.collective_seq, r.collective) for r, _ in found if r.worker_id in ranks})
+        return [
+            {"rank": ranks.get(r.worker_id, -1), "worker_id": r.worker_id, "node_id": node_id, "pid": r.pid,
+             "round_id": r.round_id, "stack": r.stack,
+             "collective": standing.get(f"rank {ranks.get(r.worker_id, -1)}", ""),
+             "note": r.note, "collective_seq": r.collective_seq}
+            for r, node_id in found
+        ]
 
     def ping(self) -> bool:
         return True

@@ -16,7 +16,9 @@ from ray_elastic.config import RunConfig
 from ray_elastic.coordinator import drain, policy
 from ray_elastic.coordinator.drain_steps import DrainSteps
 from ray_elastic.coordinator.group import WorkerGroup
-from ray_elastic.coordinator.types import OutcomeKind, RoundPlan, WorkerOutcome
+from ray_elastic.coordinator.liveness import Liveness
+from ray_elastic.coordinator.silence import SilenceMixin
+from ray_elastic.coordinator.types import OutcomeKind, RoundPlan, StackReport, WorkerOutcome
 from ray_elastic.errors import (
     FailureInfo,
     NotEnoughNodesError,
@@ -56,6 +58,7 @@ class Running(State):
     last_progress: dict[str, float] = field(default_factory=dict)
     progress_count: dict[str, int] = field(default_factory=dict)
     stop_requested: bool = False
+    liveness: Liveness = field(default_factory=Liveness)
     name = "RUNNING"
 
 
@@ -66,12 +69,14 @@ class Restarting(State):
     plan: RoundPlan
     outcomes: dict[str, WorkerOutcome]
     since: float
-    last_answer: dict[str, float]
     trigger: str
     stalled: list[str] = field(default_factory=list)  # aborted for making no progress
     announced: bool = True  # the worker_lost line is out (it waits for the first cause, see _announce)
     detected: float = 0.0  # wall time the failure was detected
     aborting: int = 0
+    liveness: Liveness = field(default_factory=Liveness)
+    diagnose: bool = False  # aborted for silence or a hang: name the stuck ranks with their stacks
+    stacks: dict[str, StackReport] = field(default_factory=dict)
     name = "RESTARTING"
 
 
@@ -112,6 +117,7 @@ class RunSummary:
 
 
 HISTORY_LIMIT = 10_000
+_FAILURE_KIND = {"failed": "exception", "died": "died", "hung": "hang", "silent": "silent"}  # FailureInfo.kind
 
 
 def thin_history(history: list[Any], limit: int) -> list[Any]:
@@ -121,7 +127,7 @@ def thin_history(history: list[Any], limit: int) -> list[Any]:
     return history
 
 
-class Controller(DrainSteps):
+class Controller(DrainSteps, SilenceMixin):
     """Drives a run through its states. Plain class: the coordinator actor wraps it."""
 
     def __init__(
@@ -313,6 +319,7 @@ class Controller(DrainSteps):
             started=started,
             last_progress={w: started for w in members},
             progress_count={w: -1 for w in members},
+            liveness=Liveness(),  # nothing outstanding: the first probes go out with the next heartbeat
         )
 
     def _record_reports(self, plan: RoundPlan, worker_id: str, reports: list[tuple[float, dict[str, Any]]]) -> None:
@@ -345,11 +352,11 @@ class Controller(DrainSteps):
             if now - self._last_probe < self.config.heartbeat_interval_s:
                 return
             self._last_probe = now
-        for beat in self.group.probe(state.plan.round_id):
+        beats = self._live_answers(state, self.group.probe(state.plan.round_id), now)
+        for beat in beats:
             self._record_reports(state.plan, beat.worker_id, beat.reports)
             self._note_snapshot(state.plan, beat.worker_id, beat.snapshot)
             if isinstance(state, Restarting):
-                state.last_answer[beat.worker_id] = now
                 continue
             if beat.progress != state.progress_count.get(beat.worker_id):
                 state.progress_count[beat.worker_id] = beat.progress
@@ -366,6 +373,9 @@ class Controller(DrainSteps):
             trigger = f"worker {first.worker_id} {first.kind.value}: {first.message}"
             return self._begin_restart(state, now, trigger=trigger)
         self._record_heartbeats(state, now)
+        lost = self._judge_silence(state, now)
+        if lost:
+            return self._begin_restart(state, now, trigger=self._silence_trigger(state, lost), diagnose=True)
         hung = policy.stalled(
             {w: t for w, t in state.last_progress.items() if w not in state.outcomes},
             now,
@@ -374,7 +384,7 @@ class Controller(DrainSteps):
         if hung:
             names = ", ".join(hung[:4]) + (", ..." if len(hung) > 4 else "")
             trigger = f"no progress for {self.config.hang_timeout_s:g}s from {len(hung)} worker(s): {names}"
-            return self._begin_restart(state, now, trigger=trigger, stalled=hung)
+            return self._begin_restart(state, now, trigger=trigger, stalled=hung, diagnose=True)
         if len(state.outcomes) == len(members):
             kinds = {o.kind for o in state.outcomes.values()}
             if kinds == {OutcomeKind.DONE}:
@@ -405,21 +415,23 @@ class Controller(DrainSteps):
         self._emit("scale_up", "members left at a commit to let new node(s) join")
         return Forming(cause="scale-up")
 
-    def _begin_restart(self, state: Running, now: float, trigger: str, stalled: list[str] | None = None) -> State:
+    def _begin_restart(self, state: Running, now: float, trigger: str, stalled: list[str] | None = None,
+                       diagnose: bool = False) -> State:
         if self.exporter is not None:
             self.exporter.on_failure_detected(now)
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
-        self.group.abort(state.plan.round_id, unsettled)  # first: survivors are waiting
+        self.group.abort(state.plan.round_id, unsettled, diagnose=diagnose)  # first: survivors are waiting
         restarting = Restarting(
             plan=state.plan,
             outcomes=state.outcomes,
             since=now,
-            last_answer={w: now for w in unsettled},
             trigger=trigger,
             stalled=list(stalled or []),
             announced=False,
             detected=time.time(),
             aborting=len(unsettled),
+            liveness=state.liveness,
+            diagnose=diagnose,
         )
         self._announce(restarting, now)
         return restarting
@@ -434,7 +446,7 @@ class Controller(DrainSteps):
             return
         failures = [o for o in state.outcomes.values() if o.is_failure]
         causes = [o for o in failures if not (o.kind is OutcomeKind.FAILED and o.communication)]
-        if not (causes or state.stalled or force or now - state.since >= self.config.cause_wait_s):
+        if not (causes or state.stalled or state.diagnose or force or now - state.since >= self.config.cause_wait_s):
             return
         state.announced = True
         ranks = {w: rank for rank, w in enumerate(state.plan.worker_ids)}
@@ -458,23 +470,11 @@ class Controller(DrainSteps):
         now = self.clock()
         self._announce(state, now)
         self._record_heartbeats(state, now)
+        state.stacks.update((r.worker_id, r) for r in self.group.stack_reports())
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         if unsettled:
-            silent = policy.unresponsive(
-                state.last_answer, unsettled, now, self.config.probe_timeout_s
-            )
-            overdue = unsettled if now - state.since > self.config.abort_timeout_s else []
-            to_kill = sorted(set(silent) | set(overdue))
-            if not to_kill:
+            if not self._settle_after_abort(state, unsettled, now):
                 return state
-            for worker_id in to_kill:
-                state.outcomes[worker_id] = WorkerOutcome(
-                    worker_id, state.plan.round_id, OutcomeKind.HUNG,
-                    message=(self._stall_message() + ", then " if worker_id in state.stalled else "")
-                    + "did not answer or leave the round after it was aborted; killed",
-                    step=self.last_step.get(worker_id),
-                )
-            self.group.kill(to_kill, reason="unresponsive after abort")
             if len(state.outcomes) < len(state.plan.worker_ids):
                 return state
         return self._finish_restart(state)
@@ -489,7 +489,7 @@ class Controller(DrainSteps):
                           step=self.last_step.get(w))
             for w in state.stalled
         ]
-        causes = policy.at_fault(state.outcomes, stalled)
+        causes = self._with_stacks(state, policy.at_fault(state.outcomes, stalled))
         # Not plan.assignments(): it recomputes world_size per worker, O(N x nodes).
         members = ((w, g.node_id) for g in state.plan.groups for w in g.workers)
         place = {w: (rank, node_id) for rank, (w, node_id) in enumerate(members)}
@@ -497,7 +497,7 @@ class Controller(DrainSteps):
             rank, node_id = place[outcome.worker_id]
             self.failures.append(
                 FailureInfo(
-                    kind={"failed": "exception", "died": "died", "hung": "hang"}[outcome.kind.value],
+                    kind=_FAILURE_KIND[outcome.kind.value],
                     rank=rank,
                     node_id=node_id,
                     round_id=state.plan.round_id,

@@ -10,7 +10,7 @@ import abc
 from collections.abc import Mapping
 
 from ray_elastic.coordinator.drain import DrainNotice
-from ray_elastic.coordinator.types import Heartbeat, NodeGroup, RoundPlan, WorkerOutcome
+from ray_elastic.coordinator.types import Heartbeat, NodeGroup, Pulse, RoundPlan, StackReport, WorkerOutcome
 
 
 class WorkerGroup(abc.ABC):
@@ -38,15 +38,26 @@ class WorkerGroup(abc.ABC):
 
     @abc.abstractmethod
     def probe(self, round_id: int) -> list[Heartbeat]:
-        """Send liveness probes to the round's members; return answers that arrived since the last call."""
+        """Send a liveness probe to every member of the round with none outstanding; return the answers
+        that arrived since the last call (so a member that answers gets its next probe at the next call)."""
+
+    def check_pulse(self, worker_ids: list[str], timeout_s: float) -> list[Pulse]:
+        """Start a native (GIL-free) liveness check of these workers unless one is in flight; return the
+        results that arrived since the last call. Default: no native channel ("none" at once)."""
+        return [Pulse(w, "none") for w in worker_ids]
+
+    def stack_reports(self) -> list[StackReport]:
+        """Where aborted workers were when their abort arrived (answers to `abort`), since the last call."""
+        return []
 
     @abc.abstractmethod
     def request_stop(self, round_id: int) -> None:
         """Ask the round's members to leave at their next commit (membership change)."""
 
     @abc.abstractmethod
-    def abort(self, round_id: int, worker_ids: list[str]) -> None:
-        """Unblock and end the round on these workers now; their processes stay."""
+    def abort(self, round_id: int, worker_ids: list[str], diagnose: bool = False) -> None:
+        """Unblock and end the round on these workers now; their processes stay. Each answers with its
+        stack (`stack_reports`); `diagnose` also reads scripts' stacks with py-spy (slower)."""
 
     @abc.abstractmethod
     def kill(self, worker_ids: list[str], reason: str) -> None:

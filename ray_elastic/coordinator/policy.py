@@ -95,3 +95,29 @@ def stalled(last_progress: Mapping[str, float], now: float, hang_timeout_s: floa
 def unresponsive(last_answer: Mapping[str, float], waiting: Iterable[str], now: float, limit_s: float) -> list[str]:
     """Workers among `waiting` whose liveness probes went unanswered for longer than limit_s."""
     return sorted(w for w in waiting if now - last_answer.get(w, float("-inf")) > limit_s)
+
+
+def overdue_after_abort(
+    waiting: Iterable[str],
+    busy: Mapping[str, str],
+    busy_seen_at: Mapping[str, float],
+    aborted_at: float,
+    now: float,
+    abort_timeout_s: float,
+    busy_limit_s: float,
+) -> list[str]:
+    """Aborted workers that answer but have not left their round in time.
+
+    Each gets `abort_timeout_s` from the abort, or from the last answer that said it
+    was busy with a known long activity (a durable checkpoint write): busy is not
+    hung. While it still says so, it may take up to `busy_limit_s` from the abort.
+    """
+    overdue = []
+    for worker_id in waiting:
+        if busy.get(worker_id):
+            late = now - aborted_at > busy_limit_s
+        else:
+            late = now - max(aborted_at, busy_seen_at.get(worker_id, float("-inf"))) > abort_timeout_s
+        if late:
+            overdue.append(worker_id)
+    return sorted(overdue)

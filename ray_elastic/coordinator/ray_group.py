@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,18 +27,23 @@ from ray_elastic.coordinator.types import (
     Heartbeat,
     NodeGroup,
     OutcomeKind,
+    Pulse,
     RoundPlan,
     RoundSpec,
+    StackReport,
     WorkerOutcome,
 )
 from ray_elastic.netbind import listen_host, round_secret
 from ray_elastic.placement import cluster_nodes, fits, pinned_group
+from ray_elastic.pulse import NONE, ping
 from ray_elastic.store import RoundStore
 from ray_elastic.worker.actor import ElasticWorker
 
 logger = logging.getLogger("ray_elastic")
 
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
+# How long `check_pulse` waits for the checks it just started: a refused or answered one takes a millisecond.
+PULSE_GRACE_S = 0.05
 # A node group not placed within PLACEMENT_PATIENCE_S (its node is taken, e.g. by another run) is
 # moved to a node that could hold it; the node passed over is not tried again for PASSED_OVER_S.
 PLACEMENT_PATIENCE_S = 5.0
@@ -56,6 +63,7 @@ class _Slot:
     status: str = STARTING
     pid: int | None = None
     gpu_ids: tuple[str, ...] = ()
+    pulse: tuple[str, int] | None = None  # address of its native liveness server (see ray_elastic.pulse)
 
 
 @dataclass
@@ -102,6 +110,9 @@ class RayWorkerGroup(WorkerGroup):
         self._drains: dict[str, DrainNotice] = {}  # nodes Ray is draining (see coordinator/drain.py)
         self._drains_polled = float("-inf")
         self._slot_seq = 0
+        self._pulse_pool: ThreadPoolExecutor | None = None
+        self._pulses: dict[str, Future[str]] = {}  # worker id -> native check in flight
+        self._abort_refs: dict[Any, str] = {}  # abort calls whose answers (stacks) are still to collect
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -208,6 +219,7 @@ class RayWorkerGroup(WorkerGroup):
                         info = ray.get(ref)
                         slot.pid = info["pid"]
                         slot.gpu_ids = tuple(info["gpu_ids"])
+                        slot.pulse = tuple(info["pulse"]) if info.get("pulse") else None  # type: ignore[assignment]
                         self._pids.add(info["pid"])
                         slot.status = READY
                     except RayError:
@@ -274,6 +286,7 @@ class RayWorkerGroup(WorkerGroup):
         self.round_id = plan.round_id
         self._round_refs.clear()
         self._probe_refs.clear()
+        self._abort_refs.clear()
         self._acked.clear()  # reports are numbered per round
         self._members = plan.worker_ids
         for a, ip in zip(assignments, worker_ips):
@@ -347,7 +360,7 @@ class RayWorkerGroup(WorkerGroup):
             if slot is not None and slot.status == BUSY:
                 slot.actor.request_stop.remote(round_id)
 
-    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+    def abort(self, round_id: int, worker_ids: list[str], diagnose: bool = False) -> None:
         if round_id == self.round_id and self.store is not None:
             # Ranks still forming the group wait on the store: closing it frees them.
             self.store.close()
@@ -355,7 +368,65 @@ class RayWorkerGroup(WorkerGroup):
         for worker_id in worker_ids:
             slot = self._slot(worker_id)
             if slot is not None and slot.status != DEAD:
-                slot.actor.abort.remote(round_id)
+                self._abort_refs[slot.actor.abort.remote(round_id, diagnose)] = worker_id
+
+    def stack_reports(self) -> list[StackReport]:
+        if not self._abort_refs:
+            return []
+        done, _ = ray.wait(list(self._abort_refs), num_returns=len(self._abort_refs), timeout=0)
+        reports = []
+        for ref in done:
+            self._abort_refs.pop(ref)
+            try:
+                report = ray.get(ref)
+            except RayError:
+                continue
+            if report is not None:
+                reports.append(report)
+        return reports
+
+    def check_pulse(self, worker_ids: list[str], timeout_s: float) -> list[Pulse]:
+        answers = []
+        started = []
+        for worker_id in worker_ids:
+            slot = self._slot(worker_id)
+            if worker_id in self._pulses or slot is None or slot.status == DEAD:
+                continue
+            if slot.pulse is None:
+                answers.append(Pulse(worker_id, NONE))
+                continue
+            if self._pulse_pool is None:
+                self._pulse_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ray_elastic-pulse")
+            self._pulses[worker_id] = self._pulse_pool.submit(ping, *slot.pulse, timeout_s)
+            started.append(self._pulses[worker_id])
+        if started:
+            wait_futures(started, timeout=PULSE_GRACE_S)
+        for worker_id, future in list(self._pulses.items()):
+            if future.done():
+                del self._pulses[worker_id]
+                answers.append(Pulse(worker_id, future.result()))
+        return answers
+
+    def collect_stacks(self, timeout_s: float) -> list[tuple[StackReport, str]]:
+        """(stack, node id) of every live worker; safe beside the controller's thread (reads copies)."""
+        node_of = {s.worker_id: n.node_id for n in list(self.nodes.values()) for s in list(n.slots) if s is not None}
+        slots = [s for s in list(self._slots.values()) if s.status in (READY, BUSY)]
+        refs = {slot.actor.stacks.remote(): slot for slot in slots}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        reports = []
+        for ref, slot in refs.items():
+            if ref in done:
+                try:
+                    reports.append(ray.get(ref))
+                    continue
+                except RayError as exc:
+                    note = f"its process is gone ({str(exc).splitlines()[0][:200]})"
+            else:
+                state = ping(*slot.pulse, 1.0) if slot.pulse else NONE
+                note = f"no answer within {timeout_s:g}s; native pulse: {state}" + (
+                    " (busy in a call that holds the GIL)" if state == "alive" else " (frozen, or cut off)")
+            reports.append(StackReport(slot.worker_id, -1, slot.pid or -1, "", note=note))
+        return [(r, node_of.get(r.worker_id, "")) for r in reports]
 
     def kill(self, worker_ids: list[str], reason: str) -> None:
         killed = set()
@@ -368,8 +439,10 @@ class RayWorkerGroup(WorkerGroup):
                 ray.kill(slot.actor, no_restart=True)
             slot.status = DEAD
             killed.add(worker_id)
-        # Their round calls will fail with the kill; the controller already has their outcome.
+        # Their round calls will fail with the kill; the controller already has their outcome. A probe
+        # answered by a killed worker that wakes up later must not pass on its reports either.
         self._round_refs = {ref: w for ref, w in self._round_refs.items() if w not in killed}
+        self._probe_refs = {ref: w for ref, w in self._probe_refs.items() if w not in killed}
 
     def worker_pids(self) -> list[int]:
         return sorted(self._pids)
@@ -383,3 +456,6 @@ class RayWorkerGroup(WorkerGroup):
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._pulse_pool is not None:
+            self._pulse_pool.shutdown(wait=False, cancel_futures=True)
+            self._pulse_pool = None

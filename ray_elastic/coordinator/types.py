@@ -91,6 +91,7 @@ class OutcomeKind(str, enum.Enum):
     FAILED = "failed"  # train_fn raised
     DIED = "died"  # the process or its node went away
     HUNG = "hung"  # killed for not answering or not settling
+    SILENT = "silent"  # answered neither probes nor its native pulse: frozen, or its node cut off
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class WorkerOutcome:
 
     @property
     def is_failure(self) -> bool:
-        return self.kind in (OutcomeKind.FAILED, OutcomeKind.DIED, OutcomeKind.HUNG)
+        return self.kind in (OutcomeKind.FAILED, OutcomeKind.DIED, OutcomeKind.HUNG, OutcomeKind.SILENT)
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,30 @@ class Heartbeat:
     reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     first_seq: int = 0  # sequence number of reports[0]; reports are numbered per round
     snapshot: tuple[str, str] = ("", "")  # how this worker keeps commits, and why (SnapshotHolder.describe)
+    busy: str = ""  # a known long activity in progress (e.g. "writing checkpoint 41 for 3.2s"), else ""
+
+
+@dataclass(frozen=True)
+class Pulse:
+    """The answer of a worker's native liveness check (see `ray_elastic.pulse`).
+
+    `state`: "alive" (its process runs), "gone" (connection refused: the process
+    exited), "silent" (no answer in time: stopped, frozen, or cut off), or "none"
+    (the worker has no pulse server: probes alone judge it).
+    """
+
+    worker_id: str
+    state: str
+
+
+@dataclass(frozen=True)
+class StackReport:
+    """Where a worker's training thread was, read in-process (or by py-spy for a script subprocess)."""
+
+    worker_id: str
+    round_id: int
+    pid: int
+    stack: str  # formatted frames, innermost last; "" if none could be read
+    collective: str = ""  # the op of the last collective it issued on the default group, e.g. "gloo:all_reduce"
+    note: str = ""  # why a stack is missing, or what else was seen
+    collective_seq: int = -1  # how many collectives it issued on the default group (-1: unknown)

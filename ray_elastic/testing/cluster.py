@@ -70,6 +70,7 @@ class LocalCluster:
         )
         self.nodes: list[Any] = []
         self._started: list[Any] = []  # every node ever added, removed ones included
+        self._frozen: dict[int, list[psutil.Process]] = {}  # id(node) -> processes stopped by freeze_node
         for _ in range(num_nodes):
             self.add_node()
 
@@ -103,6 +104,29 @@ class LocalCluster:
                 pids.extend(psutil.Process(info.process.pid).children(recursive=True))
         return pids
 
+    def freeze_node(self, node: Any) -> list[psutil.Process]:
+        """SIGSTOP the node's raylet and every process under it: a silent node (no connection is reset).
+
+        Returns:
+            the stopped processes (raylet first); `thaw_node` continues them.
+        """
+        procs = []
+        for info in node.all_processes.get("raylet", []):
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(info.process.pid))
+        procs += self.processes_of(node)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)
+        self._frozen.setdefault(id(node), []).extend(procs)
+        return procs
+
+    def thaw_node(self, node: Any) -> None:
+        """SIGCONT every process `freeze_node` stopped on this node."""
+        for proc in self._frozen.pop(id(node), []):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
     def raylet_pids(self) -> set[int]:
         """Raylet pids of every node this cluster ever started; Ray workers carry theirs as RAY_RAYLET_PID."""
         return {
@@ -113,6 +137,7 @@ class LocalCluster:
 
     def kill_node(self, node: Any, graceful: bool = False) -> None:
         """Remove a node; ungraceful kills its raylet and then any process it left behind."""
+        self.thaw_node(node)
         leftovers = self.processes_of(node)
         self.cluster.remove_node(node, allow_graceful=graceful)
         for proc in leftovers:
@@ -161,6 +186,8 @@ class LocalCluster:
         os.kill(pid, sig)
 
     def shutdown(self) -> None:
+        for node in list(self._started):
+            self.thaw_node(node)
         leftovers = [p for node in self.nodes for p in self.processes_of(node)]
         if ray.is_initialized():
             ray.shutdown()

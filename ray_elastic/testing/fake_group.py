@@ -5,7 +5,13 @@ workers finish, fail, die, hang or make progress, and reads back what the
 controller asked for (`plans`, `aborts`, `kills`, `stops`). Nothing runs on
 its own except two realistic reflexes, both on by default: an aborted worker
 leaves the round at once (`settle_on_abort`), and asked to stop it leaves at
-its next commit, here at once (`stop_on_request`). A hung worker does neither.
+its next commit, here at once (`stop_on_request`). A hung (frozen), stalled or
+GIL-holding worker does neither.
+
+Liveness has two channels, as on Ray: probes (answered unless the worker is hung
+or holds the GIL) and the native pulse (`check_pulse`: "alive" unless hung,
+"gone" once dead, "silent" for a hung one; "none" for workers of a node added
+with `pulse=False`).
 
 With a `FakeClock`, `wait()` advances the clock instead of sleeping, so a
 controller loop over minutes of simulated time runs in milliseconds.
@@ -20,7 +26,15 @@ from typing import Any
 
 from ray_elastic.coordinator.drain import DrainNotice
 from ray_elastic.coordinator.group import WorkerGroup
-from ray_elastic.coordinator.types import Heartbeat, NodeGroup, OutcomeKind, RoundPlan, WorkerOutcome
+from ray_elastic.coordinator.types import (
+    Heartbeat,
+    NodeGroup,
+    OutcomeKind,
+    Pulse,
+    RoundPlan,
+    StackReport,
+    WorkerOutcome,
+)
 
 
 class FakeClock:
@@ -50,6 +64,11 @@ class FakeWorker:
     step: int | None = None
     queued: bool = False  # an outcome is waiting to be collected by `wait()`
     reports: list[tuple[float, dict[str, Any]]] | None = None
+    stalled: bool = False  # answers probes, makes no progress, never leaves a round (stuck in user code)
+    gil: bool = False  # holds the GIL: answers no probe, its native pulse answers, leaves no round
+    busy: str = ""  # a long activity its probe answers announce (a checkpoint write)
+    pulse: bool = True  # has a native pulse server
+    stack: str = ""  # what `abort` answers as its stack
 
 
 class FakeWorkerGroup(WorkerGroup):
@@ -87,13 +106,15 @@ class FakeWorkerGroup(WorkerGroup):
         self.aborts: list[tuple[int, list[str]]] = []
         self.kills: list[tuple[list[str], str]] = []
         self.stops: list[int] = []
+        self.pulse_checks: list[str] = []
+        self._stack_reports: list[StackReport] = []
         self.refreshes = 0
         self.shut_down = False
         self.draining: dict[str, DrainNotice] = {}
         self.handovers: list[tuple[str, str]] = []
 
     # -- the test's controls ---------------------------------------------------------------------
-    def add_node(self, node_id: str | None = None, start_s: float = 0.0) -> str:
+    def add_node(self, node_id: str | None = None, start_s: float = 0.0, pulse: bool = True) -> str:
         """Add a node whose workers become ready after `start_s` (inf: only when `started()`)."""
         if node_id in self.nodes:
             raise ValueError(f"node {node_id} is already there")
@@ -102,6 +123,8 @@ class FakeWorkerGroup(WorkerGroup):
             node_id = f"node-{self._node_count:04d}"
         ready_at = self.clock() + start_s
         self.nodes[node_id] = [self._new_worker(node_id, i, ready_at) for i in range(self.nproc_per_node)]
+        for worker in self.nodes[node_id]:
+            worker.pulse = pulse
         return node_id
 
     def started(self, node_id: str) -> None:
@@ -138,8 +161,38 @@ class FakeWorkerGroup(WorkerGroup):
         self._kill_worker(self.workers[worker_id], report="worker process died")
 
     def hang(self, worker_id: str) -> None:
-        """The worker stops answering probes and never leaves the round, even when aborted."""
+        """The worker freezes (SIGSTOP): it answers no probe, nor its native pulse, and never leaves the round."""
         self.workers[worker_id].hung = True
+
+    def freeze_node(self, node_id: str) -> None:
+        """Every worker of the node freezes at once (its raylet too: nothing answers)."""
+        for worker in self.nodes[node_id]:
+            worker.hung = True
+
+    def stall(self, worker_id: str, stack: str = "") -> None:
+        """The worker is stuck in user code: it answers probes but makes no progress and never leaves."""
+        self.workers[worker_id].stalled = True
+        self.workers[worker_id].stack = stack
+
+    def hold_gil(self, worker_id: str, holding: bool = True) -> None:
+        """The worker is in a long call that holds the GIL: probes go unanswered, its native pulse answers."""
+        self.workers[worker_id].gil = holding
+
+    def release(self, worker_id: str) -> None:
+        """A stalled or GIL-holding worker moves again; if its round was aborted meanwhile, it leaves it now."""
+        worker = self.workers[worker_id]
+        worker.stalled = worker.gil = False
+        worker.busy = ""
+        if self._in_round(worker) and any(r == self.round_id and worker_id in ids for r, ids in self.aborts):
+            self._settle(worker_id, OutcomeKind.ABORTED)
+
+    def vanish(self, worker_id: str) -> None:
+        """The worker's process is gone, but nothing reports it (as when Ray has not noticed yet)."""
+        self.workers[worker_id].status = "dead"
+
+    def set_busy(self, worker_id: str, what: str) -> None:
+        """The worker's probe answers say it is busy with `what` ("" when done)."""
+        self.workers[worker_id].busy = what
 
     def progress(self, worker_id: str, step: int | None = None, metrics: dict[str, Any] | None = None) -> None:
         """The worker committed or reported; `metrics` is a report its next probe answer carries."""
@@ -265,10 +318,25 @@ class FakeWorkerGroup(WorkerGroup):
         beats = []
         for worker_id in self.members:
             worker = self.workers[worker_id]
-            if worker.status == "busy" and not worker.hung:
-                beats.append(Heartbeat(worker_id, round_id, worker.progress, worker.step, worker.reports or []))
+            if worker.status == "busy" and not worker.hung and not worker.gil:
+                beats.append(Heartbeat(worker_id, round_id, worker.progress, worker.step, worker.reports or [],
+                                       busy=worker.busy))
                 worker.reports = None
         return beats
+
+    def check_pulse(self, worker_ids: list[str], timeout_s: float) -> list[Pulse]:
+        self.pulse_checks += worker_ids
+        out = []
+        for worker_id in worker_ids:
+            worker = self.workers[worker_id]
+            state = ("none" if not worker.pulse else "gone" if worker.status == "dead"
+                     else "silent" if worker.hung else "alive")
+            out.append(Pulse(worker_id, state))
+        return out
+
+    def stack_reports(self) -> list[StackReport]:
+        reports, self._stack_reports = self._stack_reports, []
+        return reports
 
     def request_stop(self, round_id: int) -> None:
         self.stops.append(round_id)
@@ -278,12 +346,21 @@ class FakeWorkerGroup(WorkerGroup):
                 if self._in_round(worker) and not worker.hung:
                     self.stop(worker_id)
 
-    def abort(self, round_id: int, worker_ids: list[str]) -> None:
+    def abort(self, round_id: int, worker_ids: list[str], diagnose: bool = False) -> None:
         self.aborts.append((round_id, list(worker_ids)))
-        if self.settle_on_abort and round_id == self.round_id:
+        if round_id != self.round_id:
+            return
+        for worker_id in worker_ids:
+            worker = self.workers[worker_id]
+            if self._in_round(worker) and not worker.hung and not worker.gil:
+                # A stalled rank has issued one collective fewer than the others, who wait in the next one.
+                seq = 6 if worker.stalled else 7
+                self._stack_reports.append(StackReport(worker_id, round_id, 1000 + len(self.workers), worker.stack,
+                                                       "gloo:all_reduce", collective_seq=seq))
+        if self.settle_on_abort:
             for worker_id in worker_ids:
                 worker = self.workers[worker_id]
-                if self._in_round(worker) and not worker.hung:
+                if self._in_round(worker) and not (worker.hung or worker.stalled or worker.gil):
                     self._settle(worker_id, OutcomeKind.ABORTED)
 
     def kill(self, worker_ids: list[str], reason: str) -> None:

@@ -105,3 +105,22 @@ class FaultInjector:
 def fail_at(rank: int, step: int, restart_count: int = 0) -> FaultInjector:
     """Shorthand: an injector with one `fail_at` fault."""
     return FaultInjector().fail_at(rank, step, restart_count)
+
+
+class SlowToSave:
+    """A State attribute that makes every durable checkpoint write take `seconds` longer (slow storage).
+
+    `State(model=..., ballast=SlowToSave(3.0))`: `torch.save` pickles it with protocol 2 and
+    waits there; a commit's deep copy and the state broadcast (other protocols) are not slowed.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __deepcopy__(self, memo: dict) -> SlowToSave:
+        return SlowToSave(self.seconds)
+
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        if protocol == 2:
+            time.sleep(self.seconds)
+        return (SlowToSave, (self.seconds,))

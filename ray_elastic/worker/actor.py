@@ -11,16 +11,20 @@ import importlib
 import inspect
 import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
-from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, WorkerOutcome
+from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, StackReport, WorkerOutcome
+from ray_elastic.diagnostics import FLIGHT_RECORDER_ENTRIES, collective_state, py_spy_dump, thread_stack
 from ray_elastic.netbind import pin_gloo_interface
+from ray_elastic.pulse import PulseServer
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
+from ray_elastic.worker.fence import FencedCheckpointer, Lease
 from ray_elastic.worker.process_group import GroupHandle, is_communication_error
 
 
@@ -45,9 +49,12 @@ def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
 
 
 def _node_ip() -> str:
-    import ray
+    try:
+        import ray
 
-    return ray.util.get_node_ip_address()
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
+        return "127.0.0.1"
 
 
 class ElasticWorker:
@@ -72,6 +79,8 @@ class ElasticWorker:
         checkpointer: Any = None,
     ):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        # torch's flight recorder names the collective a stuck rank waits in (see diagnostics.py).
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
         import torch  # noqa: F401 - warm up the import before joining a round
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
@@ -91,6 +100,11 @@ class ElasticWorker:
         self._stop = threading.Event()
         self._aborted: set[int] = set()
         self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
+        self._train_thread: int | None = None
+        self._busy: tuple[str, float] | None = None  # a long activity of the training thread, and its start
+        self._lease = Lease(config.probe_timeout_s,
+                            confirm_s=max(2 * config.probe_timeout_s, 4 * config.heartbeat_interval_s))
+        self._pulse = PulseServer(_node_ip())
 
     # -- control path ------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
@@ -98,18 +112,41 @@ class ElasticWorker:
         import ray
 
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if self.config.use_gpu else []
-        return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id, "gpu_ids": gpu_ids}
+        return {"pid": os.getpid(), "worker_id": self.worker_id, "node_id": self.node_id, "gpu_ids": gpu_ids,
+                "pulse": self._pulse.address}
 
     def probe(self, round_id: int, acked_seq: int = -1) -> Heartbeat:
         """Liveness and progress; carries the reports the coordinator has not acknowledged."""
+        self._lease.renew(round_id)
         session = self._session
         if session is None or self._round_id != round_id:
             return Heartbeat(self.worker_id, round_id, -1, None)
         first_seq, reports = session.unacknowledged_reports(acked_seq)
+        busy = self._busy
         return Heartbeat(
             self.worker_id, round_id, session.progress_count, session.last_committed_step, reports, first_seq,
             snapshot=self.snapshots.describe(),
+            busy=f"{busy[0]} for {time.monotonic() - busy[1]:.1f}s" if busy else "",
         )
+
+    def stacks(self, diagnose_script: bool = True) -> StackReport:
+        """Where the training thread (or the script this round runs) is now."""
+        return self._stack_report(self._round_id, diagnose_script)
+
+    def _stack_report(self, round_id: int, diagnose_script: bool) -> StackReport:
+        session = self._session
+        pids = list(session.subprocess_pids) if session is not None else []
+        busy = self._busy
+        note = f"busy {busy[0]} for {time.monotonic() - busy[1]:.1f}s" if busy else ""
+        if pids:
+            if not diagnose_script:
+                return StackReport(self.worker_id, round_id, os.getpid(), "", note=f"script pid {pids[-1]}")
+            stack, how = py_spy_dump(pids[-1])
+            return StackReport(self.worker_id, round_id, os.getpid(), stack, note=how)
+        if session is None:
+            return StackReport(self.worker_id, round_id, os.getpid(), "", note="not in a round")
+        seq, op = collective_state()
+        return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread), op, note, seq)
 
     def request_stop(self, round_id: int) -> None:
         with self._lock:
@@ -120,17 +157,25 @@ class ElasticWorker:
         if session is not None:
             session.interrupt("stop")
 
-    def abort(self, round_id: int) -> int:
-        """Break this round's collectives so the training thread leaves the round."""
+    def abort(self, round_id: int, diagnose: bool = False) -> StackReport | None:
+        """Break this round's collectives so the training thread leaves the round.
+
+        Returns:
+            where the training thread was just before (py-spy for a script only if `diagnose`),
+            or None if `round_id` is not this worker's round.
+        """
         with self._lock:
             if self._round_id != round_id:
-                return 0
+                return None
             self._aborted.add(round_id)
             group = self._group
             session = self._session
+        report = self._stack_report(round_id, diagnose)
         if session is not None:
             session.interrupt("abort")
-        return group.sever() if group is not None else 0
+        if group is not None:
+            group.sever()
+        return report
 
     def export_snapshot(self) -> dict[str, Any] | None:
         """This worker's committed snapshot, handed over before its node is drained (None: it holds none)."""
@@ -170,6 +215,8 @@ class ElasticWorker:
                 return WorkerOutcome(self.worker_id, spec.round_id, OutcomeKind.ABORTED, message="stale round")
             self._round_id = spec.round_id
             self._stop.clear()
+        self._train_thread = threading.get_ident()
+        self._lease.begin(spec.round_id)
         os.environ.update(torchrun_env(spec, self.config.run_id))
         self._gloo_ifname = pin_gloo_interface(spec.bind_host or _node_ip(), self._gloo_ifname)
         device = self._device(spec)
@@ -191,7 +238,11 @@ class ElasticWorker:
             node_id=self.node_id,
             device=device,
         )
-        session = Session(context, self.snapshots, self.checkpointer, on_stop_check=self._stop.is_set)
+        checkpointer = None if self.checkpointer is None else FencedCheckpointer(
+            self.checkpointer, lambda: self._lease.check(spec.round_id, "publish a durable checkpoint"),
+            self._set_busy,
+        )
+        session = Session(context, self.snapshots, checkpointer, on_stop_check=self._stop.is_set)
         session.last_committed_step = self._last_step()
         store = None
         try:
@@ -244,6 +295,9 @@ class ElasticWorker:
             if group is not None:
                 group.destroy()
             del store
+
+    def _set_busy(self, what: str | None) -> None:
+        self._busy = (what, time.monotonic()) if what else None
 
     def _last_step(self) -> int | None:
         step = self.snapshots.attrs.get("step")

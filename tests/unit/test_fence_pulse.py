@@ -1,0 +1,169 @@
+"""The worker's lease and checkpoint fence, the native pulse, and the stack helpers (no Ray)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from ray_elastic.checkpoint import Checkpointer
+from ray_elastic.diagnostics import collective_state, compare_collectives, first_user_frame, thread_stack
+from ray_elastic.pulse import ALIVE, GONE, SILENT, PulseServer, ping
+from ray_elastic.worker.fence import FencedCheckpointer, Lease, RoundFenced
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- lease ---------------------------------------------------------------------------------------------
+def test_fresh_lease_lets_the_worker_publish_at_once():
+    lease = Lease(timeout_s=2.0, confirm_s=5.0)
+    lease.begin(3)
+    started = time.monotonic()
+    lease.check(3, "publish")
+    assert time.monotonic() - started < 0.1
+
+
+def test_expired_lease_waits_for_two_probes_then_goes_on():
+    lease = Lease(timeout_s=0.2, confirm_s=5.0)
+    lease.begin(3)
+    time.sleep(0.3)
+
+    def coordinator_still_probes() -> None:
+        for _ in range(2):
+            time.sleep(0.1)
+            lease.renew(3)
+
+    threading.Thread(target=coordinator_still_probes).start()
+    started = time.monotonic()
+    lease.check(3, "publish")
+    assert 0.15 < time.monotonic() - started < 2.0
+
+
+def test_expired_lease_with_one_late_probe_only_is_fenced():
+    """The probe sent before the coordinator gave up arrives after the wake-up; nothing after it."""
+    lease = Lease(timeout_s=0.2, confirm_s=0.5)
+    lease.begin(3)
+    time.sleep(0.3)
+    threading.Timer(0.05, lease.renew, args=(3,)).start()
+    with pytest.raises(RoundFenced, match="most likely left this worker behind .* not going to publish"):
+        lease.check(3, "publish")
+
+
+def test_a_round_that_is_no_longer_the_workers_is_fenced():
+    lease = Lease(timeout_s=2.0, confirm_s=1.0)
+    lease.begin(4)
+    lease.renew(3)  # a stale probe of an old round renews nothing
+    with pytest.raises(RoundFenced, match="round 3 is over"):
+        lease.check(3, "publish")
+
+
+def test_fenced_checkpointer_publishes_nothing_and_marks_the_worker_busy(tmp_path):
+    inner = Checkpointer(tmp_path, every=1, keep=2)
+
+    class Holder:
+        commit_id = 0
+
+        def as_payload(self):
+            return {"commit_id": 0, "items": {"w": {"x": torch.ones(3)}}, "attrs": {"step": 1}, "world_size": 1}
+
+    class Context:
+        rank = 0
+
+    busy: list[str | None] = []
+
+    def fence() -> None:
+        raise RoundFenced("left behind")
+
+    fenced = FencedCheckpointer(inner, fence, busy.append)
+    with pytest.raises(RoundFenced):
+        fenced.maybe_save(Holder(), Context())
+    assert list(tmp_path.iterdir()) == [], "no checkpoint, no temporary directory"
+    assert busy == ["writing durable checkpoint of commit 0", None]
+    assert fenced.every == 1, "everything else is the run's checkpointer"
+    open_fence = FencedCheckpointer(inner, lambda: None, busy.append)
+    path = open_fence.maybe_save(Holder(), Context())
+    assert path is not None and (path / "MANIFEST.json").exists()
+
+
+# -- native pulse --------------------------------------------------------------------------------------
+_SERVER = """
+import sys, time
+from ray_elastic.pulse import PulseServer
+server = PulseServer("127.0.0.1")
+print(server.address[1], flush=True)
+time.sleep(1.0)
+sum(range(int(sys.argv[1])))  # one C call that holds the GIL
+time.sleep(60)
+"""
+
+
+def test_pulse_answers_through_a_gil_holding_call_not_when_stopped_refused_when_gone():
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(150_000_000)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        assert ping("127.0.0.1", port, 1.0) == ALIVE
+        time.sleep(1.5)  # inside sum(range(...)) now, for seconds
+        started = time.monotonic()
+        assert ping("127.0.0.1", port, 1.0) == ALIVE
+        assert time.monotonic() - started < 0.5
+        os.kill(proc.pid, signal.SIGSTOP)
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert ping("127.0.0.1", port, 0.5) == SILENT
+        assert 0.4 < time.monotonic() - started < 2.0
+        os.kill(proc.pid, signal.SIGCONT)
+        assert ping("127.0.0.1", port, 1.0) == ALIVE
+        proc.kill()
+        proc.wait()
+        assert ping("127.0.0.1", port, 1.0) == GONE
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pulse_server_checks_itself_at_start():
+    server = PulseServer("127.0.0.1")
+    assert server.address is not None and ping(*server.address, 1.0) == ALIVE
+    server.close()
+    assert server.address is None
+
+
+# -- stacks --------------------------------------------------------------------------------------------
+def test_thread_stack_and_first_user_frame():
+    ready, release = threading.Event(), threading.Event()
+
+    def waiting_for_data() -> None:
+        ready.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=waiting_for_data)
+    thread.start()
+    ready.wait(5)
+    try:
+        stack = thread_stack(thread.ident)
+    finally:
+        release.set()
+        thread.join()
+    assert "waiting_for_data" in stack
+    assert first_user_frame(stack).startswith("test_fence_pulse.py:")
+    assert first_user_frame(stack).endswith("in waiting_for_data")
+    assert first_user_frame("Thread 12 (idle): \"MainThread\"\n    load (train.py:12)\n") == "train.py:12 in load"
+    assert thread_stack(None) == "" and collective_state() == (-1, "")
+
+
+def test_compare_collectives_names_who_waits_for_whom():
+    standing = compare_collectives({"rank 0": (21, "gloo:all_reduce"), "rank 1": (20, "gloo:broadcast"),
+                                    "rank 2": (21, "gloo:all_reduce"), "rank 3": (-1, "")})
+    assert standing["rank 0"] == "waiting in gloo:all_reduce #21 (behind: rank 1 at #20)"
+    assert standing["rank 1"] == "behind: issued #20, others #21"
+    assert standing["rank 3"] == ""
+    same = compare_collectives({"rank 0": (5, ""), "rank 1": (5, "")})
+    assert same["rank 0"] == "at collective #5, like every rank that answered"
