@@ -1,0 +1,208 @@
+"""This process's committed shards and its copies of other ranks' shards; how a commit refreshes them.
+
+A commit of sharded state, on every rank:
+
+1. pack this rank's local shards into a spare flat host buffer (CUDA: pinned memory,
+   non-blocking copies on a side stream);
+2. if replicas are due: send that buffer to this rank's holders (`layout.replica_holders`)
+   and receive the shards it holds for others into spare buffers;
+3. a blocking all-reduce of the stop flag. It completes on a rank only once every rank
+   has finished step 2, so from then on the commit is held complete (own + replicas)
+   everywhere; only then do the spare buffers replace the previous generation.
+
+A rank that fails in 2 or 3 keeps both: the previous generation, and this commit as
+`pending` (with the replicas it received complete). Restore then rebuilds the newest
+commit whose every shard some live rank holds, which is this commit whenever any rank
+got past 3, so a rank lost at any point costs no step that commit() returned for.
+
+With `every=N`, replicas are refreshed (and the generation replaced) every N-th commit
+and at every commit where the world is about to change; after a failure at most N-1
+committed steps are redone. Without replicas, every commit replaces the own shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ray_elastic.sharded import comm
+from ray_elastic.sharded.capture import ShardedItems, check_shards, live_state_dicts, split_trees
+from ray_elastic.sharded.layout import FlatLayout, Holding, LeafSpec, leaf_view, replica_holders, replica_sources
+
+logger = logging.getLogger("ray_elastic")
+
+
+@dataclass
+class Generation:
+    """One commit as this process holds it: its own shards of it, replicas of others', the replicated rest."""
+
+    commit_id: int
+    world: int
+    rank: int
+    specs: list[LeafSpec]
+    own: torch.Tensor
+    replicas: dict[int, torch.Tensor]
+    rest: dict[str, Any]  # {"items": skeletons, "attrs": ...}: the same on every rank
+    nodes: tuple[str, ...] = ()
+
+    def holding(self) -> Holding:
+        return Holding(self.commit_id, self.world, frozenset({self.rank, *self.replicas}), True)
+
+    def flat(self, old_rank: int) -> torch.Tensor:
+        return self.own if old_rank == self.rank else self.replicas[old_rank]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.own, *self.replicas.values()]
+
+
+@dataclass
+class RoundInfo:
+    """What the current round's commits need: the group for host collectives and where ranks live."""
+
+    rank: int
+    world: int
+    nodes: tuple[str, ...]
+    group: Any = None  # None: the default group
+    holders: list[list[int]] = field(default_factory=list)
+
+
+class ShardStore:
+    """Per worker process, across rounds: the generations it holds and spare buffers to fill next.
+
+    Args:
+        replicas: copies of each rank's shards kept by other ranks (0: none).
+        every: refresh replicas at every `every`-th commit.
+    """
+
+    def __init__(self, replicas: int = 1, every: int = 1) -> None:
+        self.replicas = replicas
+        self.every = every
+        self.commit_id = -1
+        self.current: Generation | None = None
+        self.pending: Generation | None = None
+        self.round: RoundInfo | None = None
+        self._pool: list[torch.Tensor] = []
+        self._busy: Callable[[], set[int]] = lambda: set()  # buffers a background writer still reads
+        self._stream: Any = None
+
+    # -- rounds ---------------------------------------------------------------------------------------
+    def begin_round(self, rank: int, world: int, nodes: tuple[str, ...], group: Any = None) -> None:
+        self.round = RoundInfo(rank, world, nodes, group, replica_holders(nodes, self.replicas))
+
+    def holdings(self) -> list[Holding]:
+        return [g.holding() for g in (self.current, self.pending) if g is not None]
+
+    def generation(self, commit_id: int, world: int) -> Generation | None:
+        for g in (self.current, self.pending):
+            if g is not None and (g.commit_id, g.world) == (commit_id, world):
+                return g
+        return None
+
+    def keep_only(self, chosen: Generation | None, commit_id: int) -> None:
+        """After a restore: hold `chosen` (possibly None) as the current generation, recycle the rest."""
+        for g in (self.current, self.pending):
+            if g is not None and g is not chosen:
+                self._recycle(g.buffers())
+        self.current, self.pending = chosen, None
+        self.commit_id = commit_id
+
+    # -- buffers --------------------------------------------------------------------------------------
+    def _take(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        busy = self._busy()
+        fits = [b for b in self._pool if b.numel() >= nbytes and b.data_ptr() not in busy]
+        if fits:
+            buf = min(fits, key=lambda b: b.numel())
+            self._pool = [b for b in self._pool if b is not buf]
+            return buf[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+    def _recycle(self, buffers: list[torch.Tensor]) -> None:
+        self._pool.extend(buffers)
+        if len(self._pool) > 4 + 2 * self.replicas:  # a resize left buffers of other sizes: drop the oldest
+            self._pool = self._pool[-(4 + 2 * self.replicas):]
+
+    def set_busy(self, busy: Callable[[], set[int]]) -> None:
+        self._busy = busy
+
+    # -- commit ---------------------------------------------------------------------------------------
+    def commit(self, items: ShardedItems, attrs: dict[str, Any], stop_requested: Callable[[], bool]) -> bool:
+        """Snapshot the live shards as the next commit (see the module docstring); True if the world changes.
+
+        Raises:
+            whatever a collective raises when a peer is lost (the commit is then kept as `pending`).
+        """
+        info = self.round
+        assert info is not None, "begin_round first"
+        commit_id = self.commit_id + 1
+        multi = info.world > 1 and dist.is_initialized()
+        sources = replica_sources(info.holders, info.rank) if multi else []
+        replicate = multi and self.replicas > 0 and bool(info.holders[info.rank] or sources)
+        due = replicate and commit_id % self.every == 0
+        taken: Generation | None = None
+        if due or not replicate:
+            taken = self._pack(items, attrs, commit_id, info)
+        received: set[int] = set()
+        spares: dict[int, torch.Tensor] = {}
+        try:
+            if due and taken is not None:
+                self._exchange(taken, sources, received, spares, info)
+            stop = comm.agree(stop_requested(), info.group) if multi else stop_requested()
+            if stop and replicate and not due:  # the world changes here: refresh whatever the cadence
+                taken = self._pack(items, attrs, commit_id, info)
+                self._exchange(taken, sources, received, spares, info)
+                comm.agree(False, info.group)
+        except BaseException:
+            if taken is not None:
+                taken.replicas = {k: spares[k] for k in received}
+                self.pending = taken
+                self._recycle([b for k, b in spares.items() if k not in received])
+            raise
+        if taken is not None:
+            taken.replicas = {k: spares[k] for k in received}
+            if self.current is not None:
+                self._recycle(self.current.buffers())
+            self.current = taken
+        self.commit_id = commit_id
+        return stop
+
+    def _pack(self, items: ShardedItems, attrs: dict[str, Any], commit_id: int, info: RoundInfo) -> Generation:
+        skeleton, specs, shards = split_trees(live_state_dicts(items))
+        check_shards(specs, shards, info.world, info.rank)
+        layout = FlatLayout.of(specs, info.world, info.rank)
+        on_gpu = any(s.is_cuda for s in shards)
+        own = self._take(layout.total, pinned=on_gpu)
+        views = [leaf_view(own, specs, layout, i, info.world, info.rank) for i in range(len(specs))]
+        if on_gpu:
+            self._copy_from_gpu(views, shards)
+        else:
+            for view, shard in zip(views, shards):
+                view.copy_(shard)
+        rest = {"items": skeleton, "attrs": copy.deepcopy(attrs)}
+        return Generation(commit_id, info.world, info.rank, specs, own, {}, rest, info.nodes)
+
+    def _copy_from_gpu(self, views: list[torch.Tensor], shards: list[torch.Tensor]) -> None:
+        """Device-to-host copies into pinned memory on a side stream, then wait for them (not for the step)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for view, shard in zip(views, shards):
+                view.copy_(shard, non_blocking=True)
+                shard.record_stream(self._stream)
+        self._stream.synchronize()
+
+    def _exchange(self, taken: Generation, sources: list[int], received: set[int], spares: dict[int, torch.Tensor],
+                  info: RoundInfo) -> None:
+        sizes = {s: FlatLayout.of(taken.specs, info.world, s).total for s in sources}
+        pinned = taken.own.is_pinned()
+        spares.update({s: self._take(sizes[s], pinned) for s in sources})
+        comm.exchange_replicas(taken.own, info.rank, info.holders, sizes, spares, received, info.group)
+
+    def bytes_held(self) -> int:
+        return sum(b.numel() for g in (self.current, self.pending) if g is not None for b in g.buffers())
