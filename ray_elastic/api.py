@@ -136,6 +136,8 @@ def run(
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
     snapshot: str = "copy",
+    shard_replicas: int = 1,
+    shard_replica_every: int = 1,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -170,6 +172,11 @@ def run(
             commit cost for them); needs commit() after every optimizer.step() with no collective
             in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
             between optimizer.step() and commit() on every rank at once.
+        shard_replicas: for sharded (FSDP2) state, how many other ranks (on other nodes first) keep a
+            copy of each rank's committed shards, so that losing a rank costs no committed step
+            (0: none; a lost shard then comes from storage). Ignored for replicated (DDP) state.
+        shard_replica_every: refresh those copies at every N-th commit (and at every commit where the
+            world changes); after a failure at most N-1 committed steps are redone.
 
     Returns:
         RunResult of the final round.
@@ -207,6 +214,8 @@ def run(
             # a bare string is kept as is, so that validate() rejects it instead of splitting it into letters
             warmup_modules=warmup_modules if isinstance(warmup_modules, str) else tuple(warmup_modules),  # type: ignore[arg-type]
             snapshot=snapshot,
+            shard_replicas=shard_replicas,
+            shard_replica_every=shard_replica_every,
         )
     )
     if progress not in ("auto", "bar", "log", "none"):

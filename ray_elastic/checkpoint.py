@@ -209,6 +209,9 @@ class Checkpointer:
             manifest = self._read_manifest(path)
             if manifest is None:
                 continue
+            if manifest.get("kind") == "sharded":  # written by ray_elastic.sharded.durable; loaded there
+                logger.warning("checkpoint %s holds sharded (FSDP2) state; skipped for replicated state", path)
+                continue
             try:
                 data = (path / STATE_FILE).read_bytes()
             except OSError:

@@ -49,6 +49,9 @@ class RunConfig:
     init_process_group: bool = True
     warmup_modules: tuple[str, ...] = ("torch._dynamo",)
     snapshot: str = "copy"
+    # Sharded (FSDP2) state: copies of each rank's committed shards on other nodes, refreshed every N commits.
+    shard_replicas: int = 1
+    shard_replica_every: int = 1
 
     @property
     def worker_backend(self) -> str:
@@ -158,6 +161,8 @@ def validate(config: RunConfig) -> RunConfig:
             f"snapshot must be 'copy' (copy everything at each commit) or 'live' (keep optimizer-owned "
             f"tensors by reference; commit right after optimizer.step()), got {config.snapshot!r}."
         )
+    _require_int("shard_replicas", config.shard_replicas, 0)
+    _require_int("shard_replica_every", config.shard_replica_every, 1)
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
     return config

@@ -17,7 +17,8 @@ class Event:
     """One thing that happened to a run.
 
     `kind` is one of: round_formed, worker_lost, node_lost, restart,
-    scale_up, scale_down, waiting, node_ready, finished, failed, aborted.
+    scale_up, scale_down, waiting, node_ready, finished, failed, aborted; and, sent by
+    a worker, restored_from_storage (sharded state whose shards and replicas were lost).
     """
 
     kind: str

@@ -85,7 +85,7 @@ def collective_count() -> int | None:
 class SnapshotHolder:
     """This process's last committed snapshot; outlives rounds (train_fn re-entries)."""
 
-    def __init__(self, mode: str = "copy") -> None:
+    def __init__(self, mode: str = "copy", shard_replicas: int = 1, shard_replica_every: int = 1) -> None:
         if mode not in SNAPSHOT_MODES:
             raise ConfigError(f"snapshot must be one of {SNAPSHOT_MODES}, got {mode!r}.")
         self.mode = mode
@@ -101,6 +101,10 @@ class SnapshotHolder:
         self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._count_after_step: int | None = None
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        # Sharded (FSDP2) state is held apart, by `ray_elastic.sharded.store.ShardStore` (created on first use).
+        self.shard_replicas = shard_replicas
+        self.shard_replica_every = shard_replica_every
+        self.shards: Any = None
 
     # -- what is held -----------------------------------------------------------------------------
     def held_commit_id(self) -> int:

@@ -158,3 +158,102 @@ def test_sharded_state_survives_loss_growth_and_double_loss_resharded(tmp_path):
     assert results["p5"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
     checkpoints = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert len(checkpoints) == 2 and all(c.startswith("checkpoint_") for c in checkpoints), checkpoints
+
+
+# -- a rank lost inside a commit ------------------------------------------------------------------------
+def _save_local(tmp: str, commit_id: int, rank: int, world: int, items) -> None:
+    """This rank's local shards of the commit about to be taken, for the parent to assemble the full state."""
+    from ray_elastic.sharded.capture import live_state_dicts, split_trees
+
+    _, specs, shards = split_trees(live_state_dicts(items))
+    torch.save({"specs": specs, "shards": [s.clone() for s in shards], "world": world},
+               Path(tmp) / f"c{commit_id}-r{rank}.pt")
+
+
+def _assembled(tmp: str, commit_id: int) -> dict:
+    parts = sorted(Path(tmp).glob(f"c{commit_id}-r*.pt"), key=lambda p: int(p.stem.split("-r")[1]))
+    loaded = [torch.load(p, weights_only=False) for p in parts]
+    assert len(loaded) == loaded[0]["world"], f"commit {commit_id}: {len(loaded)} parts"
+    specs = loaded[0]["specs"]
+    return {spec.key: torch.cat([part["shards"][i] for part in loaded], dim=spec.dim) for i, spec in enumerate(specs)}
+
+
+KILLS = {  # phase -> (proc that exits, commit at which, where in the commit)
+    "k1": (3, 2, "after_exchange"),
+    "k2": (2, 4, "before_exchange"),
+}
+KILL_PHASES = [("k1", [0, 1, 2, 3]), ("k2", [0, 1, 2]), ("k3", [0, 1])]
+
+
+def _exit_inside_commit(store, commit_id: int, where: str) -> None:
+    """Make this process exit inside commit `commit_id`: before sending its shard, or after (before agreeing)."""
+    from ray_elastic.sharded import comm
+
+    name = "agree" if where == "after_exchange" else "exchange_replicas"
+    real = getattr(comm, name)
+
+    def wrapper(*args, **kwargs):
+        if store.commit_id + 1 == commit_id:
+            os._exit(0)
+        return real(*args, **kwargs)
+
+    setattr(comm, name, wrapper)
+
+
+def _kill_proc(proc: int, port: int, tmp: str) -> None:
+    from ray_elastic.sharded.capture import inspect_items
+    from ray_elastic.sharded.restore import restore
+    from ray_elastic.sharded.store import ShardStore
+    from ray_elastic.worker.process_group import GroupHandle
+
+    torch.set_num_threads(1)
+    tcp = dist.TCPStore("127.0.0.1", port, is_master=False)  # hosted by the test, as the coordinator hosts it
+    store = ShardStore(replicas=1)
+    for name, members in KILL_PHASES:
+        if proc not in members:
+            return
+        rank, world = members.index(proc), len(members)
+        group = GroupHandle("gloo", dist.PrefixStore(name, tcp), port, rank, world, 60.0)
+        model, opt = _build()
+        items = inspect_items({"model": model, "optimizer": opt})
+        restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"))
+        if restored.commit_id >= 0:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            optim = _full(model, opt)["optim"]["state"]
+            if rank == 0:
+                expected = _assembled(tmp, restored.commit_id)
+                got = {f"model/{k}": v for k, v in full.items()}
+                got.update({f"optimizer/state/{fqn}/{k}": v for fqn, s in optim.items() for k, v in s.items()
+                            if k != "step"})
+                (Path(tmp) / f"{name}.json").write_text(json.dumps({
+                    "commit_id": restored.commit_id, "source": restored.source,
+                    "diff": _bitwise_diff(expected, got)}))
+        attrs = dict(restored.attrs or {"step": 0})
+        victim, kill_commit, where = KILLS.get(name, (-1, -1, ""))
+        if proc == victim:
+            _exit_inside_commit(store, kill_commit, where)
+        try:
+            while True:
+                attrs["step"] += 1
+                _step(model, opt, seed=100 * attrs["step"] + rank)
+                _save_local(tmp, store.commit_id + 1, rank, world, items)
+                store.commit(items, attrs, lambda: False)
+                if name == "k3" and store.commit_id >= 5:
+                    break
+        except Exception:
+            group.sever()  # what the worker does: unblock the peers waiting on this rank
+        group.destroy()
+
+
+def test_a_rank_lost_inside_a_commit_costs_nothing_once_its_shard_left_it(tmp_path):
+    """k1: the rank dies after sending its shard: its holder has it, the commit survives (0 redone).
+    k2: the rank dies before sending: the commit cannot be rebuilt, and the previous one is, everywhere."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_kill_proc, args=(store.port, str(tmp_path)), nprocs=4, join=True)
+    k2 = json.loads((tmp_path / "k2.json").read_text())
+    k3 = json.loads((tmp_path / "k3.json").read_text())
+    assert k2["commit_id"] == 2 and not k2["diff"], k2
+    assert k3["commit_id"] == 3 and not k3["diff"], k3
