@@ -1,21 +1,33 @@
 """This process's last committed snapshot, and how a commit fills it.
 
-Two modes, chosen per run (`run(snapshot=...)`):
+Three modes, chosen per run (`run(snapshot=...)`):
 
-- ``"copy"`` (default): every tensor is copied into buffers the holder owns,
-  reused from one commit to the next. Any loop shape is safe.
+- ``"copy"``: every tensor is copied into buffers the holder owns, reused from
+  one commit to the next. Any loop shape is safe.
 - ``"live"``: tensors that only an optimizer held in the State changes (its
   parameters and its state, such as momentum) are kept by reference, with their
-  version counters; everything else (buffers, schedulers, plain values) is
-  copied. The live tensors are the snapshot until they change: an optimizer
-  step or any in-place write bumps a version, and from then on this process no
-  longer holds its commit (`held_commit_id()` is -1); restore takes the commit
-  from a rank that does. This is sound when `commit()` follows
-  `optimizer.step()` with no collective in between: a peer lost before its
-  step stops every survivor in the backward all-reduce, before their steps; a
-  peer lost after it lets every survivor reach `commit()`, which snapshots
-  before its own agreement all-reduce. The optimizer hooks below enforce that
-  loop shape and raise `ConfigError` when it is broken.
+  version counters and, for the parameters, a checksum; everything else
+  (buffers, schedulers, plain values) is copied. The live tensors are the
+  snapshot until they change: an optimizer step, an in-place write (a version
+  bump) or a write around the version counter (`.data`: the checksum) means
+  this process no longer holds its commit (`held_commit_id()` is -1), and
+  restore takes it from a rank that does. This is sound for the loop shape
+  `ray_elastic.loop_shape` checks: `commit()` follows `optimizer.step()` with
+  no collective in between. A peer lost before its step stops every survivor
+  in the backward all-reduce, before their steps; a peer lost after it lets
+  every survivor reach `commit()`, which snapshots before its own agreement
+  all-reduce.
+- ``"auto"`` (the default of `run`): copies while the first commit intervals
+  are watched, live from then on if the loop has that shape, copies for good
+  from the first break of it (see `ray_elastic.loop_shape`).
+
+When a round ends (`end_round()`, before train_fn runs again), live tensors that
+still hold the commit are copied into owned buffers: what the next round does to
+objects kept across rounds (wrapping a kept module in DDP again broadcasts into
+its parameters) cannot touch the commit.
+
+A commit is identified by (commit number, round it was taken in): two processes
+holding the same number from different rounds hold different commits.
 """
 
 from __future__ import annotations
@@ -25,10 +37,25 @@ import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ray_elastic.config import SNAPSHOT_MODES
 from ray_elastic.errors import ConfigError
+from ray_elastic.loop_shape import LoopShape, checksums, collective_count, optimizer_params
+
+__all__ = ["SnapshotHolder", "collective_count", "commit_key", "key_commit_id"]
+
+_ROUND_BITS = 24
+
+
+def commit_key(commit_id: int, round_id: int) -> int:
+    """One int64 ordering commits by number, then by the round they were taken in; -1 for none."""
+    if commit_id < 0:
+        return -1
+    return (commit_id << _ROUND_BITS) | ((round_id + 1) & ((1 << _ROUND_BITS) - 1))
+
+
+def key_commit_id(key: int) -> int:
+    return -1 if key < 0 else key >> _ROUND_BITS
 
 
 def _copy_into(dst: Any, src: Any, borrowed: frozenset[int] = frozenset(),
@@ -59,27 +86,28 @@ def _copy_into(dst: Any, src: Any, borrowed: frozenset[int] = frozenset(),
     return copy.deepcopy(src)
 
 
+def _own(tree: Any, live_ids: set[int]) -> Any:
+    """`tree` with every tensor whose id is in `live_ids` replaced by an owned copy."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True) if id(tree) in live_ids else tree
+    if isinstance(tree, dict):
+        return {k: _own(v, live_ids) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_own(v, live_ids) for v in tree]
+        return items if isinstance(tree, list) else tuple(items)
+    return tree
+
+
 def _tensor_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The tensors only `optimizer.step()` should change: its parameters and its per-parameter state."""
-    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors = optimizer_params(optimizer)
     for per_param in optimizer.state.values():
         tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
     return tensors
-
-
-def collective_count() -> int | None:
-    """How many collectives the default process group has issued (None when unknown)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        group: Any = dist.distributed_c10d._get_default_group()
-        return int(group._get_sequence_number_for_group())
-    except (AttributeError, RuntimeError):
-        return None
 
 
 class SnapshotHolder:
@@ -90,17 +118,17 @@ class SnapshotHolder:
             raise ConfigError(f"snapshot must be one of {SNAPSHOT_MODES}, got {mode!r}.")
         self.mode = mode
         self.commit_id = -1
+        self.commit_round = -1  # the round the commit was taken in (its identity with commit_id)
         self.items: dict[str, Any] = {}
         self.attrs: dict[str, Any] = {}
         self.world_size = 0
         self._live: list[tuple[torch.Tensor, int]] = []  # held by reference, with the version at commit
+        self._sums: list[tuple[torch.Tensor, int]] = []  # live parameters, with their checksum at commit
         # Optimizers whose tensors are held live (weak: a new optimizer may reuse a dead one's id).
         self._watched: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._dirty = False  # a watched optimizer stepped since the commit
-        # Loop-shape checks of "live" mode, per commit interval.
-        self._stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._count_after_step: int | None = None
-        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._lost = False  # the round ended with the live tensors moved past the commit
+        self.shape = LoopShape(mode, on_step=self._optimizer_stepping)
         # Sharded (FSDP2) state is held apart, by `ray_elastic.sharded.store.ShardStore` (created on first use).
         self.shard_replicas = shard_replicas
         self.shard_replica_every = shard_replica_every
@@ -109,87 +137,102 @@ class SnapshotHolder:
     # -- what is held -----------------------------------------------------------------------------
     def held_commit_id(self) -> int:
         """The commit this process can restore from memory, or -1 if live tensors moved on since."""
-        if self._dirty or any(t._version != version for t, version in self._live):
-            return -1
-        return self.commit_id
+        return self.commit_id if self._intact() else -1
+
+    def held_key(self) -> int:
+        """`commit_key` of the commit held intact, -1 if none."""
+        return commit_key(self.commit_id, self.commit_round) if self._intact() else -1
+
+    def taken_key(self) -> int:
+        """`commit_key` of the last commit this process took, held or not."""
+        return commit_key(self.commit_id, self.commit_round)
+
+    def _intact(self) -> bool:
+        if self._lost or self._dirty or any(t._version != version for t, version in self._live):
+            return False
+        if self._sums:
+            tensors = [t for t, _ in self._sums]
+            return checksums(tensors) == [s for _, s in self._sums]
+        return True
 
     def as_payload(self) -> dict[str, Any]:
-        return {"commit_id": self.commit_id, "items": self.items, "attrs": self.attrs, "world_size": self.world_size}
+        return {"commit_id": self.commit_id, "commit_round": self.commit_round, "items": self.items,
+                "attrs": self.attrs, "world_size": self.world_size}
 
     def load_payload(self, payload: dict[str, Any]) -> None:
         """Hold `payload` (received or read from storage): owned tensors, nothing live."""
         self.commit_id = payload["commit_id"]
+        self.commit_round = payload.get("commit_round", -1)
         self.items = payload["items"]
         self.attrs = payload["attrs"]
         self.world_size = payload["world_size"]
         self._forget_live()
+        self._lost = False
 
     def _forget_live(self) -> None:
-        self._live, self._watched, self._dirty = [], weakref.WeakSet(), False
+        self._live, self._sums, self._watched, self._dirty = [], [], weakref.WeakSet(), False
+
+    def describe(self) -> tuple[str, str]:
+        """How commits are kept now ("copy", "live", or "auto" while deciding), and why."""
+        return self.shape.describe()
 
     # -- commit -------------------------------------------------------------------------------------
-    def take(self, stateful: dict[str, Any], attrs: dict[str, Any], world_size: int) -> None:
+    def take(self, stateful: dict[str, Any], attrs: dict[str, Any], world_size: int, round_id: int = -1) -> None:
         """The local half of a commit: snapshot every item, then count the commit."""
-        self.check_commit_follows_step()
+        self.shape.before_commit()
         optimizers = [o for o in stateful.values() if isinstance(o, torch.optim.Optimizer)]
-        live = self.mode == "live"
+        live = self.shape.live_commit()
         live_keys = frozenset(_tensor_key(t) for o in optimizers for t in _optimizer_tensors(o)) if live else None
         borrowed = frozenset(id(t) for t, _ in self._live)
         held: list[torch.Tensor] = []
         for name, obj in stateful.items():
             self.items[name] = _copy_into(self.items.get(name), obj.state_dict(), borrowed, live_keys, held)
         self._live = [(t, t._version) for t in held]
+        params = [p for o in optimizers for p in optimizer_params(o)] if self.shape.watching else []
+        if live:
+            param_keys = {_tensor_key(p) for p in params}
+            watched = [t for t in held if _tensor_key(t) in param_keys]
+            self._sums = list(zip(watched, checksums(watched)))
+        else:
+            self._sums = []
         self._watched = weakref.WeakSet(optimizers if live else ())
-        self._dirty = False
+        self._dirty = self._lost = False
         self.attrs = copy.deepcopy(attrs)
         self.commit_id += 1
+        self.commit_round = round_id
         self.world_size = world_size
-        self.begin_interval()
+        self.shape.step_hint = attrs.get("step")
+        self.shape.begin_interval(params)
 
     def begin_interval(self) -> None:
-        """Start a new commit interval (after a commit, or on entering a round)."""
-        self._stepped = weakref.WeakSet()
-        self._count_after_step = None
+        """Start a new commit interval (on entering a round)."""
+        self.shape.begin_interval()
 
     def rebaseline(self) -> None:
         """The live objects were just loaded from this snapshot: what they hold now is the commit."""
         self._live = [(t, t._version) for t, _ in self._live]
         self._dirty = False
 
-    # -- optimizer hooks ("live" mode) --------------------------------------------------------------
-    def track(self, optimizer: torch.optim.Optimizer) -> None:
-        """Watch `optimizer.step()` (once per optimizer object) to enforce the live loop shape."""
-        if self.mode != "live" or optimizer in self._hooked:
-            return
-        self._hooked.add(optimizer)
-        optimizer.register_step_pre_hook(self._before_step)
-        optimizer.register_step_post_hook(self._after_step)
+    def end_round(self) -> None:
+        """train_fn left its round: copy live tensors that still hold the commit, or note they do not.
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer in self._stepped:
-            raise ConfigError(
-                f"snapshot='live' needs state.commit() after every optimizer.step(), but "
-                f"{type(optimizer).__name__} stepped twice since the last commit. Commit every step, "
-                f"or run with snapshot='copy'."
-            )
-        self.check_commit_follows_step()
-        self._stepped.add(optimizer)
+        After this, nothing the next round does to objects kept across rounds can change the commit.
+        """
+        if not self._live:
+            self._forget_live()
+            return
+        if self._intact():
+            live_ids = {id(t) for t, _ in self._live}
+            self.items = _own(self.items, live_ids)
+        else:
+            self._lost = True
+        self._forget_live()
+
+    # -- optimizer hooks ----------------------------------------------------------------------------
+    def track(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch `optimizer.step()` (in "live" and "auto" modes)."""
+        self.shape.track(optimizer)
+
+    def _optimizer_stepping(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer in self._watched:
             self._dirty = True
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._count_after_step is None:
-            self._count_after_step = collective_count()
-
-    def check_commit_follows_step(self) -> None:
-        """Raise if a collective ran since the first optimizer step of this interval ("live" mode)."""
-        if self._count_after_step is None:
-            return
-        now = collective_count()
-        if now is not None and now != self._count_after_step:
-            raise ConfigError(
-                "snapshot='live' needs state.commit() right after optimizer.step(), with no collective "
-                "(all_reduce, barrier, ...) in between: a peer lost there would leave no rank holding the "
-                "last commit. Move the collective before optimizer.step() or after state.commit(), or run "
-                "with snapshot='copy'."
-            )

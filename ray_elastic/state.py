@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ray_elastic.context import Session, TrainContext, get_session
 from ray_elastic.errors import SnapshotLostError
-from ray_elastic.snapshot import SnapshotHolder
+from ray_elastic.snapshot import SnapshotHolder, key_commit_id
 
 
 class MembershipChange(BaseException):
@@ -199,7 +199,7 @@ class State:
         holder = session.snapshots
         # The local half first: a peer lost after its backward all-reduce lets every survivor get
         # here, and each then holds this step even though the agreement below fails.
-        holder.take(self._stateful, self._attrs, session.context.world_size)
+        holder.take(self._stateful, self._attrs, session.context.world_size, session.context.round_id)
         step = self._attrs.get("step")
         session.last_committed_step = step if isinstance(step, int) else holder.commit_id
         session.mark_progress()
@@ -251,8 +251,8 @@ class State:
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if holder.commit_id < 0 and session.checkpointer is not None and not distributed:
             self._load_from_storage(holder)
-        mine = holder.held_commit_id()
         if not distributed:
+            mine = holder.held_commit_id()
             if mine < holder.commit_id:
                 raise SnapshotLostError.for_commit(holder.commit_id, holder.attrs.get("step"))
             if mine >= 0:
@@ -260,22 +260,24 @@ class State:
             return
         device = self._comm_device()
         rank, world = dist.get_rank(), dist.get_world_size()
-        # The newest commit any rank holds intact, and the newest any rank took (they differ
-        # only in "live" mode, when every rank's optimizer stepped past the last commit).
-        newest_t = torch.tensor([mine, holder.commit_id], dtype=torch.int64, device=device)
+        # Commits are compared by key (number, then the round they were taken in): equal numbers from
+        # different rounds are different commits. The newest key any rank holds intact, and the newest
+        # any rank took (they differ only when live tensors moved past the last commit everywhere).
+        mine = holder.held_key()
+        newest_t = torch.tensor([mine, holder.taken_key()], dtype=torch.int64, device=device)
         dist.all_reduce(newest_t, op=dist.ReduceOp.MAX)
         newest, newest_taken = int(newest_t[0].item()), int(newest_t[1].item())
         if newest < newest_taken:
-            raise SnapshotLostError.for_commit(newest_taken, holder.attrs.get("step"))
+            raise SnapshotLostError.for_commit(key_commit_id(newest_taken), holder.attrs.get("step"))
         from_storage = newest < 0 and session.checkpointer is not None
         if from_storage:
             # No live rank holds a commit (a resumed run, or every worker lost): rank 0 reads
             # the newest durable checkpoint and the broadcast below hands it to the others.
             if rank == 0:
                 self._load_from_storage(holder)
-            newest_t = torch.tensor([holder.commit_id], dtype=torch.int64, device=device)
+            newest_t = torch.tensor([holder.held_key()], dtype=torch.int64, device=device)
             dist.broadcast(newest_t, src=0)
-            mine, newest = holder.commit_id, int(newest_t[0].item())
+            mine, newest = holder.held_key(), int(newest_t[0].item())
         has = mine == newest
         # One MIN all-reduce answers both: the lowest rank holding the newest commit, and
         # (negated) whether any rank lacks it.

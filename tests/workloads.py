@@ -36,6 +36,7 @@ def payload_digest(payload: dict) -> list[float]:
 
 
 _restores: list[tuple[int, str, list[float]]] = []  # per process, across re-entries: (round, source, digest)
+_kept: dict[str, torch.nn.Module] = {}  # config["keep_model"]: the module this process built once
 
 
 def _trace_commit(trace_dir: str, step: int, round_id: int) -> None:
@@ -47,6 +48,16 @@ def _trace_commit(trace_dir: str, step: int, round_id: int) -> None:
     line = f"{step} {time.time():.6f} {os.getpid()} {round_id} {os.environ.get('MASTER_PORT', '-')}\n"
     with open(os.path.join(trace_dir, "steps.log"), "a", encoding="utf-8") as out:
         out.write(line)
+
+
+def _log_commit(trace_dir: str, step: int, round_id: int) -> None:
+    """Every rank appends `step round_id` to `<trace_dir>/commits-<pid>.log` per commit it took.
+
+    Outside the State on purpose: a commit lost and restored from an older one shows as a step
+    this process committed twice, where the State's own log would be restored along with it.
+    """
+    with open(os.path.join(trace_dir, f"commits-{os.getpid()}.log"), "a", encoding="utf-8") as out:
+        out.write(f"{step} {round_id}\n")
 
 
 def _step_limit(steps: int, trace_dir: str | None) -> int:
@@ -67,8 +78,9 @@ def ddp_train(config: dict) -> dict:
     faults_after_step (checked between opt.step() and commit(), with the step being taken),
     faults_at_end (checked after the loop, before returning, with the last step), width,
     first_attempt_env (variables set in the worker while restart_count is 0, removed
-    after: a crash hook that must fire once), trace_dir (see `_trace_commit`; a
-    `stop_at` file there lowers `steps`, see `_step_limit`).
+    after: a crash hook that must fire once), trace_dir (see `_trace_commit` and
+    `_log_commit`; a `stop_at` file there lowers `steps`, see `_step_limit`),
+    keep_model (build the module once per process and wrap it in DDP again on every entry).
     """
     ctx = ray_elastic.get_context()
     for key, value in config.get("first_attempt_env", {}).items():
@@ -78,7 +90,13 @@ def ddp_train(config: dict) -> dict:
             os.environ.pop(key, None)
     torch.manual_seed(1234 + ctx.rank)  # different on purpose: State must make them equal
     width = config.get("width", 8)
-    net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).double()
+    if config.get("keep_model") and "net" in _kept:
+        net = _kept["net"]
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(),
+                                  torch.nn.Linear(width, 1)).double()
+        if config.get("keep_model"):
+            _kept["net"] = net
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], worlds=[])
@@ -107,8 +125,10 @@ def ddp_train(config: dict) -> dict:
         try:
             state.commit()
         finally:  # a commit that raises MembershipChange did take its snapshot
-            if trace_dir and ctx.rank == 0 and state.commit_id != committed:
-                _trace_commit(trace_dir, state.step, ctx.round_id)
+            if trace_dir and state.commit_id != committed:
+                _log_commit(trace_dir, state.step, ctx.round_id)
+                if ctx.rank == 0:
+                    _trace_commit(trace_dir, state.step, ctx.round_id)
         ray_elastic.report({"step": state.step, "loss": loss.item(), "world_size": ctx.world_size})
         if config.get("sleep_s"):
             time.sleep(config["sleep_s"])

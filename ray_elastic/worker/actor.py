@@ -215,6 +215,7 @@ class ElasticWorker:
             )
         finally:
             set_session(None)
+            self.snapshots.end_round()  # before train_fn runs again: nothing it does can touch the commit
             with self._lock:
                 group, self._group = self._group, None
                 self._session = None

@@ -176,3 +176,35 @@ def test_a_collective_between_step_and_commit_is_rejected(live, one_rank_group):
 def test_bad_snapshot_mode_is_rejected():
     with pytest.raises(ConfigError, match="snapshot must be"):
         SnapshotHolder("lazy")
+
+
+def test_a_write_through_data_after_the_commit_is_not_restored_as_the_commit(live):
+    """`.data` aliases have their own version counter (issue 18.1); a checksum of the parameters taken at
+    the commit sees the write, so the only process holding commit 0 says it is lost instead of restoring it."""
+    model, opt, _ = _trained_and_committed()
+    model[0].weight.data.mul_(2.0)  # no version bump on model[0].weight
+    assert model[0].weight._version == live._live[0][1]
+    with pytest.raises(SnapshotLostError, match="commit 0 \\(step 1\\) is lost"):
+        State(model=_model_and_opt()[0], optimizer=_model_and_opt()[1], step=0)
+
+
+def test_a_kept_module_wrapped_in_ddp_again_still_restores_its_commit(live, one_rank_group):
+    """A module built once per process and wrapped in DDP on every entry: DDP's constructor broadcast
+    writes into the kept parameters (issue 18.1). The round's end keeps the commit apart from them."""
+    net, _ = _model_and_opt()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = State(model=model, optimizer=opt, step=0)
+    _step(model, opt)
+    state.step = 1
+    state.commit()
+    committed = _clone_state(model, opt)
+    _forward_backward(model)  # the next step fails in its backward all-reduce
+    live.end_round()  # the worker, once train_fn left the round
+    with torch.no_grad():
+        net[0].weight.add_(1.0)  # e.g. a rank 0 that is a newcomer broadcasting its fresh weights
+    model = torch.nn.parallel.DistributedDataParallel(net)  # re-entry: the same net, wrapped again
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    again = State(model=model, optimizer=opt, step=0)
+    assert again.restored_from == "memory" and again.step == 1
+    _assert_state(model, opt, committed)
