@@ -252,9 +252,13 @@ class ShardedCheckpoints:
             logger.warning("sharded checkpoint %s does not match its manifest; trying an older one", path)
         return None
 
-    def load(self, path: Path, world: int, rank: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """Read `path` resharded to this world: (rest, this rank's local shards). A collective (dcp.load)."""
-        rest = torch.load(path / REST_FILE, map_location="cpu", weights_only=False)
+    @staticmethod
+    def read_rest(path: Path) -> dict[str, Any]:
+        """The replicated part of a checkpoint: commit_id, world, specs, items (skeletons), attrs, step."""
+        return torch.load(path / REST_FILE, map_location="cpu", weights_only=False)
+
+    def load(self, path: Path, rest: dict[str, Any], world: int, rank: int) -> list[torch.Tensor]:
+        """Read `path`'s shards resharded to this world: this rank's local shards. A collective (dcp.load)."""
         specs: list[LeafSpec] = rest["specs"]
         mesh = io_mesh(world, rank)
         targets = {
@@ -264,7 +268,7 @@ class ShardedCheckpoints:
             for spec in specs
         }
         dcp.load(targets, checkpoint_id=str(path), no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
-        return rest, [targets[spec.key].to_local() for spec in specs]
+        return [targets[spec.key].to_local() for spec in specs]
 
 
 def _torch_bytes(value: Any) -> bytes:

@@ -251,6 +251,37 @@ def bytes_needed(specs: Sequence[LeafSpec], world: int, replicas: int) -> int:
     return biggest * (2 + 2 * min(replicas, max(world - 1, 0)))
 
 
+def memory_verdict(specs: Sequence[LeafSpec], world: int, replicas: int, available: int,
+                   live_on_host: bool = True) -> str | None:
+    """None if a rank of a world of `world` can hold its share of the state in `available` bytes, else why not.
+
+    A rank holds its live shards (when they are on the host) and its snapshots: 2 buffers of its
+    own shards and 2 per replica it keeps (see `bytes_needed`).
+    """
+    def needed(n: int) -> int:
+        biggest = max((FlatLayout.of(specs, n, r).total for r in range(n)), default=0)
+        return bytes_needed(specs, n, replicas) + (biggest if live_on_host else 0)
+
+    if needed(world) <= available:
+        return None
+    fits = next((n for n in range(world + 1, 4 * world + 1025) if needed(n) <= available), None)
+    advice = (f"run with at least {fits} ranks (raise min_nodes)" if fits is not None
+              else "the state is too large for this machine's memory at any size tried")
+    return (f"a world of {world} rank(s) cannot hold the sharded state in memory: each rank needs "
+            f"{_human(needed(world))} (its live shards, 2 snapshot buffers and 2 per replica kept, with "
+            f"shard_replicas={replicas}) but has {_human(available)} available; {advice}, or lower "
+            f"shard_replicas.")
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def describe_lost(lost: Sequence[int], nodes: Mapping[int, str] | Sequence[str]) -> str:
     """'ranks 2 and 3 (nodes ab12, cd34)' for an error or event message."""
     names = [str(k) for k in lost]

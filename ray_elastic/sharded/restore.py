@@ -71,6 +71,7 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
         rest = comm.broadcast_object(rest, choice.rest_source, group) if multi else rest
         assert rest is not None
         specs = rest["specs"]
+        store.check_memory(specs, world, live_on_host=device.type == "cpu")
         plan = transfer_plan(specs, choice.world, world, choice.sources)
         flats = {}
         if generation is not None:
@@ -94,7 +95,9 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
     if newest is not None:
         from pathlib import Path
 
-        rest, shards = checkpoints.load(Path(newest), world, rank)
+        rest = checkpoints.read_rest(Path(newest))
+        store.check_memory(rest["specs"], world, live_on_host=device.type == "cpu")
+        shards = checkpoints.load(Path(newest), rest, world, rank)
         load_state_dicts(items, join_trees(rest["items"], shards, rest["specs"], items.mesh, device))
         store.keep_only(None, rest["commit_id"])
         return Restored("storage", rest["attrs"], rest["commit_id"], rest["world"], choice.lost,

@@ -31,9 +31,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ray_elastic.errors import ConfigError
 from ray_elastic.sharded import comm
 from ray_elastic.sharded.capture import ShardedItems, check_shards, live_state_dicts, split_trees
-from ray_elastic.sharded.layout import FlatLayout, Holding, LeafSpec, leaf_view, replica_holders, replica_sources
+from ray_elastic.sharded.layout import (
+    FlatLayout,
+    Holding,
+    LeafSpec,
+    leaf_view,
+    memory_verdict,
+    replica_holders,
+    replica_sources,
+)
 
 logger = logging.getLogger("ray_elastic")
 
@@ -70,6 +79,7 @@ class RoundInfo:
     nodes: tuple[str, ...]
     group: Any = None  # None: the default group
     holders: list[list[int]] = field(default_factory=list)
+    checked: bool = False  # the memory check of this round's layout passed
 
 
 class ShardStore:
@@ -80,9 +90,10 @@ class ShardStore:
         every: refresh replicas at every `every`-th commit.
     """
 
-    def __init__(self, replicas: int = 1, every: int = 1) -> None:
+    def __init__(self, replicas: int = 1, every: int = 1, available_bytes: Callable[[], int] | None = None) -> None:
         self.replicas = replicas
         self.every = every
+        self._available = available_bytes or _available_host_bytes
         self.commit_id = -1
         self.current: Generation | None = None
         self.pending: Generation | None = None
@@ -94,6 +105,23 @@ class ShardStore:
     # -- rounds ---------------------------------------------------------------------------------------
     def begin_round(self, rank: int, world: int, nodes: tuple[str, ...], group: Any = None) -> None:
         self.round = RoundInfo(rank, world, nodes, group, replica_holders(nodes, self.replicas))
+
+    def check_memory(self, specs: list[LeafSpec], world: int, live_on_host: bool) -> None:
+        """Raise ConfigError on every rank if some rank cannot hold its share of the state (a collective).
+
+        Each rank compares what it would need with the memory available to it (its node's free
+        memory shared by the ranks there, plus the snapshot buffers it already holds).
+        """
+        info = self.round
+        assert info is not None
+        local = max(1, sum(1 for n in info.nodes if n == info.nodes[info.rank]))
+        available = self._available() // local + self.bytes_held() + sum(b.numel() for b in self._pool)
+        verdict = memory_verdict(specs, world, self.replicas, available, live_on_host)
+        multi = info.world > 1 and dist.is_initialized()
+        if (comm.agree(verdict is not None, info.group) if multi else verdict is not None):
+            raise ConfigError(verdict or "another rank cannot hold its share of the sharded state in memory; "
+                                         "see its error, and raise min_nodes or lower shard_replicas.")
+        info.checked = True
 
     def holdings(self) -> list[Holding]:
         return [g.holding() for g in (self.current, self.pending) if g is not None]
@@ -174,6 +202,8 @@ class ShardStore:
     def _pack(self, items: ShardedItems, attrs: dict[str, Any], commit_id: int, info: RoundInfo) -> Generation:
         skeleton, specs, shards = split_trees(live_state_dicts(items))
         check_shards(specs, shards, info.world, info.rank)
+        if not info.checked:
+            self.check_memory(specs, info.world, live_on_host=not any(s.is_cuda for s in shards))
         layout = FlatLayout.of(specs, info.world, info.rank)
         on_gpu = any(s.is_cuda for s in shards)
         own = self._take(layout.total, pinned=on_gpu)
@@ -206,3 +236,9 @@ class ShardStore:
 
     def bytes_held(self) -> int:
         return sum(b.numel() for g in (self.current, self.pending) if g is not None for b in g.buffers())
+
+
+def _available_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
