@@ -117,8 +117,10 @@ class ShardedCheckpoints:
         self._thread: threading.Thread | None = None
         self._buffer: torch.Tensor | None = None
         self._give_up = threading.Event()
+        self._meshes: dict[tuple[int, int], Any] = {}
         self.last_error: BaseException | None = None
         self.written: list[Path] = []
+        self.cpu_s: list[float] = []  # CPU time each write took in its thread (what it takes from training)
 
     # -- writing ---------------------------------------------------------------------------------------
     def due(self, commit_id: int) -> bool:
@@ -136,15 +138,9 @@ class ShardedCheckpoints:
         `every` commits.
         """
         self.wait()
-        mesh = io_mesh(generation.world, generation.rank)
-        tensors = {}
-        layout = FlatLayout.of(generation.specs, generation.world, generation.rank)
-        for i, spec in enumerate(generation.specs):
-            view = leaf_view(generation.own, generation.specs, layout, i, generation.world, generation.rank)
-            if view.numel() == 0 and generation.rank != 0:
-                continue
-            tensors[spec.key] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
-                                                   shape=torch.Size(spec.shape), stride=_contiguous_stride(spec.shape))
+        key = (generation.world, generation.rank)
+        if key not in self._meshes:  # made here, on the training thread, for the rank this process has now
+            self._meshes = {key: io_mesh(*key)}
         tmp = self.run_dir / f"{TMP_PREFIX}{checkpoint_dir_name(generation.commit_id)}-r{round_id}"
         rest = None
         if generation.rank == 0:
@@ -153,7 +149,7 @@ class ShardedCheckpoints:
         self._give_up.clear()
         self._buffer = generation.own
         self._thread = threading.Thread(
-            target=self._write, args=(tmp, tensors, generation.rank, generation.world, generation.commit_id, rest),
+            target=self._write, args=(tmp, generation, self._meshes[key], rest),
             name=f"ray_elastic-checkpoint-{generation.commit_id}", daemon=True)
         self._thread.start()
 
@@ -167,9 +163,19 @@ class ShardedCheckpoints:
         self._give_up.set()
         self.wait(timeout_s)
 
-    def _write(self, tmp: Path, tensors: dict[str, DTensor], rank: int, world: int, commit_id: int,
-               rest: dict[str, Any] | None) -> None:
+    def _write(self, tmp: Path, generation: Any, mesh: Any, rest: dict[str, Any] | None) -> None:
+        rank, world, commit_id = generation.rank, generation.world, generation.commit_id
+        started = time.thread_time()
         try:
+            tensors = {}
+            layout = FlatLayout.of(generation.specs, world, rank)
+            for i, spec in enumerate(generation.specs):
+                view = leaf_view(generation.own, generation.specs, layout, i, world, rank)
+                if view.numel() == 0 and rank != 0:
+                    continue
+                tensors[spec.key] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
+                                                       shape=torch.Size(spec.shape),
+                                                       stride=_contiguous_stride(spec.shape))
             tmp.mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
@@ -179,6 +185,8 @@ class ShardedCheckpoints:
         except BaseException as exc:  # noqa: BLE001 - a failed write is logged; the previous checkpoint stays
             self.last_error = exc
             logger.warning("sharded checkpoint of commit %s not written: %s", commit_id, exc)
+        finally:
+            self.cpu_s.append(time.thread_time() - started)
 
     def _finish(self, tmp: Path, world: int, commit_id: int, rest: dict[str, Any]) -> None:
         deadline = time.monotonic() + self.part_timeout_s
