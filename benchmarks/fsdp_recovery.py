@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -35,11 +37,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    LOOPBACK,
     WORKER_ENV,
     InThread,
     StepLogs,
     exit_on_sigterm,
     fmt_s,
+    free_port,
     log,
     machine_line,
     median,
@@ -103,6 +107,17 @@ class FsdpTorchrun(TorchrunStandalone):
         cmd = torchrun_cmd(*launcher_args, script_args=script)
         cmd[cmd.index(str(HERE / "workloads" / "torchrun_train.py"))] = str(HERE / "workloads" / "torchrun_fsdp.py")
         self.agents.append(self.groups.start(cmd, log_dir / log_name, env=WORKER_ENV))
+
+
+class FsdpTorchrunC10d(FsdpTorchrun):
+    """One torchrun agent with the c10d rendezvous on a fixed local endpoint (instead of --standalone)."""
+
+    name = "torchrun c10d rendezvous + dcp.save every step"
+
+    def start(self, log_dir: Path) -> None:
+        self._start_agent(["--nnodes=1", f"--nproc-per-node={self.world}", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint={LOOPBACK}:{free_port()}", f"--rdzv-id={uuid.uuid4().hex[:8]}",
+                           f"--max-restarts={self.restarts}"], log_dir, "torchrun.out")
 
 
 class FsdpRayTrain(RayTrainLauncher):
@@ -215,9 +230,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per system")
     parser.add_argument("--timeout", type=float, default=240.0, help="recovery limit per kill (s)")
-    parser.add_argument("--systems", default="ray_elastic,torchrun,ray_train")
+    parser.add_argument("--systems", default="ray_elastic,torchrun,torchrun_c10d,ray_train")
     parser.add_argument("--ray-train-poll-s", type=float, default=0.2)
+    parser.add_argument("--json", default=None, help="also write the kills here (to merge runs of single systems)")
+    parser.add_argument("--merge", nargs="*", default=None, help="print one report from these --json files")
     args = parser.parse_args()
+    if args.merge:
+        merged: dict[str, list[Kill]] = {}
+        for path in args.merge:
+            data = json.loads(Path(path).read_text())
+            for name, kills in data["results"].items():
+                merged.setdefault(name, []).extend(Kill(**k) for k in kills)
+        print(report(merged, args))
+        return
     exit_on_sigterm()
     tune_ray_train(args.ray_train_poll_s)
     shape = {"width": width_for_params(args.params * 1e6, DEPTH), "depth": DEPTH, "batch": args.batch}
@@ -230,6 +255,7 @@ def main() -> None:
         makers = {
             "ray_elastic": lambda: FsdpElastic(args.workers, restarts, shape),
             "torchrun": lambda: FsdpTorchrun(args.workers, restarts, shape, root / "torchrun-dcp"),
+            "torchrun_c10d": lambda: FsdpTorchrunC10d(args.workers, restarts, shape, root / "torchrun-c10d-dcp"),
             "ray_train": lambda: FsdpRayTrain(args.workers, restarts, shape, root / "ray-train-storage"),
         }
         for key in args.systems.split(","):
@@ -240,6 +266,9 @@ def main() -> None:
     print(f"{args.workers} ranks (one per simulated node for the Ray systems), FSDP2 MLP {DEPTH} × width "
           f"{shape['width']} (~{args.params:g} M parameters, float32), SGD + momentum, batch {args.batch}, gloo.\n")
     print(report(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": {
+            n: [dataclasses.asdict(k) for k in ks] for n, ks in results.items()}}, indent=1))
 
 
 if __name__ == "__main__":
