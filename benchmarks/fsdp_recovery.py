@@ -7,7 +7,10 @@ SGD + momentum, gloo, CPU) runs on `--workers` ranks under each system:
   plus one replica on the next node), min_nodes = workers - 1: survivors re-form at once
   and rebuild the last commit resharded from memory; the replacement joins later;
 - torchrun --standalone: a synchronous `dcp.save` every step; on a failure torchrun kills
-  every rank, starts them again, and they `dcp.load` the newest checkpoint;
+  every rank, starts them again, and they `dcp.load` the newest checkpoint. torch 2.13's
+  restarted ranks read a dead rank's old gloo address from the store and fail to form their
+  group (with --standalone and with a c10d endpoint alike), so a third variant forms each
+  attempt's group on a new TCPStore (`torchrun_fsdp.py --fresh-store`), which recovers;
 - Ray Train TorchTrainer: a DCP checkpoint reported every step; on a failure the worker
   group is torn down, started again, and loads it.
 
@@ -97,13 +100,17 @@ class FsdpElastic(ElasticLauncher):
 class FsdpTorchrun(TorchrunStandalone):
     name = "torchrun --standalone + dcp.save every step"
 
-    def __init__(self, workers: int, restarts: int, shape: dict[str, Any], checkpoint_dir: Path):
+    def __init__(self, workers: int, restarts: int, shape: dict[str, Any], checkpoint_dir: Path,
+                 fresh_store: bool = False):
         super().__init__(workers, restarts, 0.0, 1_000_000, checkpoint_dir)
         self.shape = shape
+        self.fresh_store = fresh_store
+        if fresh_store:
+            self.name = "torchrun --standalone + dcp.save every step, new TCPStore per restart"
 
     def _start_agent(self, launcher_args: list[str], log_dir: Path, log_name: str) -> None:
         script = ["--log-dir", str(log_dir), "--checkpoint-dir", str(self.checkpoint),
-                  *[f"--{k}={v}" for k, v in self.shape.items()]]
+                  *[f"--{k}={v}" for k, v in self.shape.items()], *(["--fresh-store"] if self.fresh_store else [])]
         cmd = torchrun_cmd(*launcher_args, script_args=script)
         cmd[cmd.index(str(HERE / "workloads" / "torchrun_train.py"))] = str(HERE / "workloads" / "torchrun_fsdp.py")
         self.agents.append(self.groups.start(cmd, log_dir / log_name, env=WORKER_ENV))
@@ -121,11 +128,10 @@ class FsdpTorchrunC10d(FsdpTorchrun):
 
 
 class FsdpRayTrain(RayTrainLauncher):
-    name = "Ray Train TorchTrainer + DCP every step"
-
     def __init__(self, workers: int, restarts: int, shape: dict[str, Any], storage: Path):
         super().__init__(workers, workers, restarts, 0.0, 1_000_000, storage)
         self.shape = shape
+        self.name = "Ray Train TorchTrainer + DCP every step"
 
     def start(self, log_dir: Path) -> None:
         from ray import cloudpickle
@@ -230,7 +236,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per system")
     parser.add_argument("--timeout", type=float, default=240.0, help="recovery limit per kill (s)")
-    parser.add_argument("--systems", default="ray_elastic,torchrun,torchrun_c10d,ray_train")
+    parser.add_argument("--systems", default="ray_elastic,torchrun,torchrun_fresh_store,torchrun_c10d,ray_train")
     parser.add_argument("--ray-train-poll-s", type=float, default=0.2)
     parser.add_argument("--json", default=None, help="also write the kills here (to merge runs of single systems)")
     parser.add_argument("--merge", nargs="*", default=None, help="print one report from these --json files")
@@ -255,6 +261,8 @@ def main() -> None:
         makers = {
             "ray_elastic": lambda: FsdpElastic(args.workers, restarts, shape),
             "torchrun": lambda: FsdpTorchrun(args.workers, restarts, shape, root / "torchrun-dcp"),
+            "torchrun_fresh_store": lambda: FsdpTorchrun(args.workers, restarts, shape, root / "torchrun-fs-dcp",
+                                                         fresh_store=True),
             "torchrun_c10d": lambda: FsdpTorchrunC10d(args.workers, restarts, shape, root / "torchrun-c10d-dcp"),
             "ray_train": lambda: FsdpRayTrain(args.workers, restarts, shape, root / "ray-train-storage"),
         }

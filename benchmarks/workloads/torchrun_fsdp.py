@@ -35,10 +35,22 @@ def main() -> None:
     parser.add_argument("--sleep-s", type=float, default=DEFAULTS["sleep_s"])
     parser.add_argument("--turn-file", default=None)
     parser.add_argument("--system", default="torchrun")
+    parser.add_argument("--fresh-store", action="store_true",
+                        help="form the group on a new TCPStore per restart (MASTER_PORT + 1 + restart count), "
+                             "working around torchrun 2.13 handing out a dead rank's old gloo address")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-    dist.init_process_group("gloo")
+    if args.fresh_store:
+        import datetime
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        port = int(os.environ["MASTER_PORT"]) + 1 + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = {"width": args.width, "batch": args.batch}
     model, opt = build(args.width, args.depth)
