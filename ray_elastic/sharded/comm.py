@@ -56,38 +56,60 @@ def agree(flag: bool, group: Any = None) -> bool:
     return bool(value.item())
 
 
-def exchange_replicas(own: torch.Tensor, rank: int, holders: Sequence[Sequence[int]],
-                      sizes: Mapping[int, int], buffers: Mapping[int, torch.Tensor], received: set[int],
-                      group: Any = None) -> None:
-    """Send `own` to this rank's holders; receive each source's flat buffer into `buffers[source]`.
+CHUNK = 4 << 20  # replicas travel in chunks of this many bytes, each sent as soon as it is packed
 
-    `received` collects the sources whose buffer arrived complete, also when this raises
-    (a peer lost mid-way), so that the caller knows which copies it can still trust.
+
+def chunks(total: int, size: int = CHUNK) -> list[tuple[int, int]]:
+    """[start, stop) byte ranges that split a flat buffer of `total` bytes for sending."""
+    return [(a, min(a + size, total)) for a in range(0, total, size)]
+
+
+class ReplicaExchange:
+    """One commit's replica transfer: this rank's flat buffer to its holders, its sources' into `buffers`.
+
+    Receives are posted first; `send_ready(upto)` sends every chunk of `own` below byte `upto`
+    (so sending overlaps packing); `finish()` waits for everything. `received` holds the sources
+    whose buffer arrived complete, also when `finish` raises (a peer lost mid-way).
     """
-    ops = []
-    for holder in holders[rank]:
-        ops.append(dist.P2POp(dist.isend, own, _global(holder, group), group=group))
-    sources = [s for s, held_by in enumerate(holders) if rank in held_by]
-    for source in sources:
-        ops.append(dist.P2POp(dist.irecv, buffers[source][: sizes[source]], _global(source, group), group=group))
-    if not ops:
-        return
-    works = dist.batch_isend_irecv(ops)
-    error: BaseException | None = None
-    sends = works[: len(holders[rank])]
-    for source, work in zip(sources, works[len(holders[rank]):]):
-        try:
-            work.wait()
-            received.add(source)
-        except BaseException as exc:  # noqa: BLE001 - finish the others, then raise the first
-            error = error or exc
-    for work in sends:
-        try:
-            work.wait()
-        except BaseException as exc:  # noqa: BLE001
-            error = error or exc
-    if error is not None:
-        raise error
+
+    def __init__(self, own: torch.Tensor, rank: int, holders: Sequence[Sequence[int]], sizes: Mapping[int, int],
+                 buffers: Mapping[int, torch.Tensor], group: Any = None):
+        self.own, self.holders, self.group = own, list(holders[rank]), group
+        self.received: set[int] = set()
+        self._chunks = chunks(own.numel())
+        self._sent = 0
+        self._sends: list[Any] = []
+        self._recvs: dict[int, list[Any]] = {}
+        for source in (s for s, held_by in enumerate(holders) if rank in held_by):
+            peer = _global(source, group)
+            self._recvs[source] = [dist.irecv(buffers[source][a:b], peer, group=group, tag=i)
+                                   for i, (a, b) in enumerate(chunks(sizes[source]))]
+
+    def send_ready(self, upto: int) -> None:
+        while self._sent < len(self._chunks) and self._chunks[self._sent][1] <= upto:
+            a, b = self._chunks[self._sent]
+            for holder in self.holders:
+                self._sends.append(dist.isend(self.own[a:b], _global(holder, self.group), group=self.group,
+                                              tag=self._sent))
+            self._sent += 1
+
+    def finish(self) -> None:
+        self.send_ready(self.own.numel())
+        error: BaseException | None = None
+        for source, works in self._recvs.items():
+            try:
+                for work in works:
+                    work.wait()
+                self.received.add(source)
+            except BaseException as exc:  # noqa: BLE001 - finish the others, then raise the first
+                error = error or exc
+        for work in self._sends:
+            try:
+                work.wait()
+            except BaseException as exc:  # noqa: BLE001
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def reshard(plan: Mapping[tuple[int, int], list[Piece]], specs: Sequence[LeafSpec], old_world: int,

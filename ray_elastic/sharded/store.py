@@ -172,49 +172,72 @@ class ShardStore:
         sources = replica_sources(info.holders, info.rank) if multi else []
         replicate = multi and self.replicas > 0 and bool(info.holders[info.rank] or sources)
         due = replicate and commit_id % self.every == 0
-        taken: Generation | None = None
-        if due or not replicate:
-            taken = self._pack(items, attrs, commit_id, info)
+        box: list[Generation] = []  # the commit taken, once its own shards are packed
         received: set[int] = set()
         spares: dict[int, torch.Tensor] = {}
         try:
-            if due and taken is not None:
-                self._exchange(taken, sources, received, spares, info)
+            if due or not replicate:
+                self._take_commit(items, attrs, commit_id, info, sources if due else None, received, spares, box)
             stop = comm.agree(stop_requested(), info.group) if multi else stop_requested()
             if stop and replicate and not due:  # the world changes here: refresh whatever the cadence
-                taken = self._pack(items, attrs, commit_id, info)
-                self._exchange(taken, sources, received, spares, info)
+                self._take_commit(items, attrs, commit_id, info, sources, received, spares, box)
                 comm.agree(False, info.group)
         except BaseException:
-            if taken is not None:
-                taken.replicas = {k: spares[k] for k in received}
-                self.pending = taken
+            if box:  # keep this commit beside the previous one: restore decides which is whole
+                box[-1].replicas = {k: spares[k] for k in received}
+                self.pending = box[-1]
                 self._recycle([b for k, b in spares.items() if k not in received])
             raise
-        if taken is not None:
-            taken.replicas = {k: spares[k] for k in received}
+        if box:
+            box[-1].replicas = {k: spares[k] for k in received}
             if self.current is not None:
                 self._recycle(self.current.buffers())
-            self.current = taken
+            self.current = box[-1]
         self.commit_id = commit_id
         return stop
 
-    def _pack(self, items: ShardedItems, attrs: dict[str, Any], commit_id: int, info: RoundInfo) -> Generation:
+    def _take_commit(self, items: ShardedItems, attrs: dict[str, Any], commit_id: int, info: RoundInfo,
+                     sources: list[int] | None, received: set[int], spares: dict[int, torch.Tensor],
+                     box: list[Generation]) -> None:
+        """Pack the live shards into a new generation (appended to `box`); with `sources`, exchange replicas.
+
+        Each chunk of the packed buffer is sent as soon as it is complete, so the transfer overlaps the
+        copy. If the exchange fails, the packing is still finished (it is local) before the error leaves.
+        """
         skeleton, specs, shards = split_trees(live_state_dicts(items))
         check_shards(specs, shards, info.world, info.rank)
-        if not info.checked:
-            self.check_memory(specs, info.world, live_on_host=not any(s.is_cuda for s in shards))
-        layout = FlatLayout.of(specs, info.world, info.rank)
         on_gpu = any(s.is_cuda for s in shards)
+        if not info.checked:
+            self.check_memory(specs, info.world, live_on_host=not on_gpu)
+        layout = FlatLayout.of(specs, info.world, info.rank)
         own = self._take(layout.total, pinned=on_gpu)
         views = [leaf_view(own, specs, layout, i, info.world, info.rank) for i in range(len(specs))]
-        if on_gpu:
-            self._copy_from_gpu(views, shards)
-        else:
+        rest = {"items": skeleton, "attrs": copy.deepcopy(attrs)}
+        taken = Generation(commit_id, info.world, info.rank, specs, own, {}, rest, info.nodes)
+        exchange = None
+        if sources is not None:
+            sizes = {s: FlatLayout.of(specs, info.world, s).total for s in sources}
+            spares.update({s: self._take(sizes[s], on_gpu) for s in sources})
+            exchange = comm.ReplicaExchange(own, info.rank, info.holders, sizes, spares, info.group)
+        try:
+            if on_gpu:
+                self._copy_from_gpu(views, shards)
+            else:
+                for index, (view, shard) in enumerate(zip(views, shards)):
+                    view.copy_(shard)
+                    if exchange is not None:
+                        exchange.send_ready(layout.offsets[index] + layout.nbytes[index])
+        except BaseException:
             for view, shard in zip(views, shards):
                 view.copy_(shard)
-        rest = {"items": skeleton, "attrs": copy.deepcopy(attrs)}
-        return Generation(commit_id, info.world, info.rank, specs, own, {}, rest, info.nodes)
+            box.append(taken)
+            raise
+        box.append(taken)
+        if exchange is not None:
+            try:
+                exchange.finish()
+            finally:
+                received.update(exchange.received)
 
     def _copy_from_gpu(self, views: list[torch.Tensor], shards: list[torch.Tensor]) -> None:
         """Device-to-host copies into pinned memory on a side stream, then wait for them (not for the step)."""
@@ -226,13 +249,6 @@ class ShardStore:
                 view.copy_(shard, non_blocking=True)
                 shard.record_stream(self._stream)
         self._stream.synchronize()
-
-    def _exchange(self, taken: Generation, sources: list[int], received: set[int], spares: dict[int, torch.Tensor],
-                  info: RoundInfo) -> None:
-        sizes = {s: FlatLayout.of(taken.specs, info.world, s).total for s in sources}
-        pinned = taken.own.is_pinned()
-        spares.update({s: self._take(sizes[s], pinned) for s in sources})
-        comm.exchange_replicas(taken.own, info.rank, info.holders, sizes, spares, received, info.group)
 
     def bytes_held(self) -> int:
         return sum(b.numel() for g in (self.current, self.pending) if g is not None for b in g.buffers())

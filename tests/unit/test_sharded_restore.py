@@ -189,15 +189,25 @@ def _exit_inside_commit(store, commit_id: int, where: str) -> None:
     """Make this process exit inside commit `commit_id`: before sending its shard, or after (before agreeing)."""
     from ray_elastic.sharded import comm
 
-    name = "agree" if where == "after_exchange" else "exchange_replicas"
-    real = getattr(comm, name)
+    if where == "after_exchange":
+        real = comm.agree
 
-    def wrapper(*args, **kwargs):
-        if store.commit_id + 1 == commit_id:
-            os._exit(0)
-        return real(*args, **kwargs)
+        def agree(*args, **kwargs):
+            if store.commit_id + 1 == commit_id:
+                os._exit(0)
+            return real(*args, **kwargs)
 
-    setattr(comm, name, wrapper)
+        comm.agree = agree
+        return
+    real_exchange = comm.ReplicaExchange
+
+    class Exchange(real_exchange):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, **kwargs):
+            if store.commit_id + 1 == commit_id:
+                os._exit(0)
+            super().__init__(*args, **kwargs)
+
+    comm.ReplicaExchange = Exchange
 
 
 def _kill_proc(proc: int, port: int, tmp: str) -> None:
