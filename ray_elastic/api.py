@@ -19,12 +19,13 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_elastic.cluster_auth import check_cluster_access
 from ray_elastic.config import RunConfig, validate
 from ray_elastic.coordinator.actor import Coordinator
 from ray_elastic.coordinator.controller import RunSummary
 from ray_elastic.errors import ConfigError, CoordinatorLostError
 from ray_elastic.events import Event, RoundRecord, resolve_log_path
-from ray_elastic.placement import check_feasible, cluster_nodes
+from ray_elastic.placement import autoscaler_node_types, check_feasible, cluster_nodes
 from ray_elastic.progress import make_progress
 
 
@@ -101,7 +102,11 @@ def _connect(ray_address: str | None) -> None:
     address = ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        check_cluster_access(address)  # a missing or wrong Ray token: ConfigError now, not a 20 s retry
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ray.exceptions.AuthenticationError as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
     else:
         ray.init(runtime_env=env, include_dashboard=False)
 
@@ -138,6 +143,7 @@ def run(
     snapshot: str = "copy",
     shard_replicas: int = 1,
     shard_replica_every: int = 1,
+    store_port: int = 0,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
 
@@ -177,6 +183,8 @@ def run(
             (0: none; a lost shard then comes from storage). Ignored for replicated (DDP) state.
         shard_replica_every: refresh those copies at every N-th commit (and at every commit where the
             world changes); after a failure at most N-1 committed steps are redone.
+        store_port: port of every round's store (MASTER_PORT) on the coordinator's node, for
+            scripts that name it (the CLI's --master-port); 0 (default) picks a free port each round.
 
     Returns:
         RunResult of the final round.
@@ -216,6 +224,7 @@ def run(
             snapshot=snapshot,
             shard_replicas=shard_replicas,
             shard_replica_every=shard_replica_every,
+            store_port=store_port,
         )
     )
     if progress not in ("auto", "bar", "log", "none"):
@@ -227,7 +236,7 @@ def run(
 
         checkpointer = Checkpointer.for_run(cfg)
     _connect(ray_address)
-    check_feasible(cfg, cluster_nodes())
+    check_feasible(cfg, cluster_nodes(), autoscaler_node_types())
     try:
         coordinator = (
             ray.remote(Coordinator)
@@ -311,7 +320,7 @@ def coordinator_name(run_id: str) -> str:
 
 
 def _remove_placement_groups(run_id: str) -> None:
-    """Remove the run's node placement groups (`ray_elastic-<run_id>-<node id[:8]>`) still standing."""
+    """Remove the run's node placement groups (`ray_elastic-<run_id>-<node id>`) still standing."""
     prefix = f"ray_elastic-{run_id}-"
     for info in (ray.util.placement_group_table() or {}).values():
         pg_name = str(info.get("name", ""))

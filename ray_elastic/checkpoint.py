@@ -13,6 +13,13 @@ rename. A crash at any point leaves either a temporary directory or a
 checkpoint without a manifest, both ignored by `load_latest` and removed by the
 next save; the previous complete checkpoint stays the newest one loaded.
 
+Nothing from storage is trusted blindly: the run directory and its files are
+owner-only and never written through a link (`safepath`), a state file is
+unpickled only after its sha256 matches the manifest, and then only with
+`torch.load(weights_only=True)` (plus the types the driver allowed with
+`torch.serialization.add_safe_globals`); `resume=True` checks the newest
+checkpoint before any actor starts (`verify_newest`).
+
 Only rank 0 writes: under data parallelism the committed state is replicated.
 State that is sharded across ranks (FSDP, tensor parallel) needs every rank to
 write its shard; `torch.distributed.checkpoint` (``dcp.save``/``dcp.load`` of a
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,17 +47,23 @@ from typing import IO, Any, cast
 
 import torch
 
+from ray_elastic.checkpoint_checks import (  # noqa: F401 - MANIFEST, STATE_FILE are this module's names too
+    MANIFEST,
+    STATE_FILE,
+    driver_safe_globals,
+    load_weights_only,
+    manifest_mismatch,
+    unsafe_globals,
+)
 from ray_elastic.config import RunConfig
 from ray_elastic.errors import ConfigError, RunNameInUseError
+from ray_elastic.safepath import absolute, check_component, is_link, open_new, private_dir, read_bytes
 
 logger = logging.getLogger("ray_elastic")
 
-MANIFEST = "MANIFEST.json"
-STATE_FILE = "state.pt"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9,})$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Testing hook: "<point>" or "<point>:<commit_id>" makes the writer SIGKILL itself there.
 CRASH_ENV = "RAY_ELASTIC_CHECKPOINT_CRASH_AT"
 
@@ -98,7 +110,10 @@ def _commit_id_of(path: Path) -> int:
 
 
 def _remove_tree(path: Path) -> None:
-    """Delete a checkpoint so that no reader sees it complete halfway: manifest first."""
+    """Delete a checkpoint so that no reader sees it complete halfway: manifest first. A link goes, not its target."""
+    if is_link(path):
+        path.unlink()
+        return
     with contextlib.suppress(FileNotFoundError):
         (path / MANIFEST).unlink()
     shutil.rmtree(path, ignore_errors=True)
@@ -118,10 +133,12 @@ class Checkpointer:
         keep: complete checkpoints to keep (older ones are pruned).
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], every: int = 1, keep: int = 2):
+    def __init__(self, run_dir: str | os.PathLike[str], every: int = 1, keep: int = 2, safe_globals: tuple = ()):
         self.run_dir = Path(run_dir)
         self.every = every
         self.keep = keep
+        # Types the driver allowed for torch.load(weights_only=True) (torch.serialization.add_safe_globals).
+        self.safe_globals = tuple(safe_globals)
 
     @classmethod
     def for_run(cls, config: RunConfig) -> Checkpointer:
@@ -143,17 +160,12 @@ class Checkpointer:
                 f"storage_path={str(raw)!r} looks like a URI; only filesystem paths are supported. "
                 f"Mount the bucket (or use a shared filesystem) and pass its local path."
             )
-        name = config.run_id
-        if not _SAFE_NAME.match(name) or len(name) > 200:
-            raise ConfigError(
-                f"name={name!r} cannot be a directory name under storage_path; use letters, digits, "
-                f"'.', '_' and '-' (starting with a letter or digit)."
-            )
-        run_dir = Path(raw).expanduser().absolute() / name
+        name = check_component(config.run_id, "name")
+        run_dir = absolute(raw) / name
         probe = run_dir / f"{TMP_PREFIX}probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as file:
+            private_dir(run_dir, "run directory")
+            with open_new(probe) as file:
                 file.write(b"ray_elastic write probe\n")
                 file.flush()
                 os.fsync(file.fileno())
@@ -163,23 +175,64 @@ class Checkpointer:
                 f"storage_path {str(raw)!r} is not writable: creating {probe} failed ({exc}). Pass a directory "
                 f"you can write to (on a filesystem every node sees), or fix its permissions."
             ) from exc
-        checkpointer = cls(run_dir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+        checkpointer = cls(run_dir, every=config.checkpoint_every, keep=config.keep_checkpoints,
+                           safe_globals=driver_safe_globals())
         existing = checkpointer.complete_checkpoints()
         if existing and not config.resume:
             raise RunNameInUseError(
                 f"run name {name!r} is already used: {run_dir} holds {len(existing)} checkpoint(s), newest "
                 f"{existing[-1].name}; pass resume=True to continue it or choose another name."
             )
+        if config.resume:
+            checkpointer.verify_newest()
         return checkpointer
+
+    def verify_newest(self) -> Path | None:
+        """Check, without unpickling, the newest checkpoint that claims to be complete (has a manifest).
+
+        Its manifest must name it and list its files with matching sizes and sha256, and
+        its state may hold only what `torch.load(weights_only=True)` accepts (plus the
+        types allowed with `torch.serialization.add_safe_globals` before `run`).
+        A checkpoint without a manifest is a write that crashed and is skipped.
+
+        Returns:
+            the checkpoint a resumed run will load, or None when there is none.
+
+        Raises:
+            ConfigError: it does not match its manifest, or needs types not allowed, saying what to do.
+        """
+        try:
+            claimed = sorted((p for p in self.run_dir.iterdir() if _CHECKPOINT_DIR.match(p.name)
+                              and (p / MANIFEST).exists()), key=_commit_id_of)
+        except FileNotFoundError:
+            return None
+        if not claimed:
+            return None
+        path = claimed[-1]
+        problem = manifest_mismatch(path, _commit_id_of(path))
+        if problem is not None:
+            raise ConfigError(
+                f"resume=True: checkpoint {path} does not match its manifest ({problem}); it changed after it "
+                f"was written (corruption, or someone else wrote there), so it is not loaded. Inspect it, then "
+                f"move it out of {self.run_dir} to resume from the previous checkpoint."
+            )
+        unsafe = unsafe_globals(path / STATE_FILE, self.safe_globals)
+        if unsafe:
+            raise ConfigError(
+                f"resume=True: checkpoint {path} holds objects that torch.load(weights_only=True) refuses: "
+                f"{', '.join(unsafe)}. If you trust them, allow them before calling run: "
+                f"torch.serialization.add_safe_globals([...those classes or functions...])."
+            )
+        return path
 
     # -- reading -------------------------------------------------------------------------------
     def _read_manifest(self, path: Path) -> dict[str, Any] | None:
         """The checkpoint's manifest if it exists and matches its files (sizes), else None."""
         match = _CHECKPOINT_DIR.match(path.name)
-        if match is None:
+        if match is None or is_link(path):
             return None
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = json.loads(read_bytes(path / MANIFEST))
             if manifest.get("commit_id") != int(match.group(1)) or not manifest.get("files"):
                 return None
             for file_name, entry in manifest["files"].items():
@@ -213,14 +266,15 @@ class Checkpointer:
                 logger.warning("checkpoint %s holds sharded (FSDP2) state; skipped for replicated state", path)
                 continue
             try:
-                data = (path / STATE_FILE).read_bytes()
+                data = read_bytes(path / STATE_FILE)
             except OSError:
                 logger.warning("checkpoint %s vanished or is unreadable; trying an older one", path)
                 continue
             if hashlib.sha256(data).hexdigest() != manifest["files"][STATE_FILE]["sha256"]:
-                logger.warning("checkpoint %s does not match its manifest checksum; trying an older one", path)
+                logger.error("checkpoint %s does not match its manifest checksum; not loading it, trying an older "
+                             "one", path)
                 continue
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            payload = load_weights_only(data, path, self.safe_globals)
             logger.info("loaded checkpoint %s (step %s)", path, manifest.get("step"))
             return payload
         return None
@@ -240,9 +294,9 @@ class Checkpointer:
         commit_id = int(payload["commit_id"])
         final = self.run_dir / checkpoint_dir_name(commit_id)
         tmp = self.run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        tmp.mkdir(mode=0o700)  # a fresh, unguessable name: fails rather than follow anything already there
         try:
-            with open(tmp / STATE_FILE, "wb") as file:
+            with open_new(tmp / STATE_FILE) as file:
                 writer = _HashingWriter(file)
                 torch.save(payload, cast(IO[bytes], writer))
                 file.flush()
@@ -267,7 +321,7 @@ class Checkpointer:
             "files": {STATE_FILE: {"size": writer.size, "sha256": writer.sha256.hexdigest()}},
         }
         manifest_tmp = final / f"{TMP_PREFIX}{MANIFEST}"
-        with open(manifest_tmp, "w") as file:
+        with open_new(manifest_tmp, "w") as file:
             json.dump(manifest, file, indent=1)
             file.flush()
             os.fsync(file.fileno())
@@ -287,7 +341,9 @@ class Checkpointer:
         for path in self.run_dir.iterdir():
             if path in keep:
                 continue
-            if path.name.startswith(TMP_PREFIX) and path.is_dir():
+            if is_link(path):
+                path.unlink()  # nothing the run writes is a link
+            elif path.name.startswith(TMP_PREFIX) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             elif _CHECKPOINT_DIR.match(path.name):
                 _remove_tree(path)

@@ -44,6 +44,10 @@ class RunConfig:
     initial_gather_s: float = 2.0
     collective_timeout_s: float = 1800.0
     node_poll_interval_s: float = 1.0
+    # Node drains (coordinator/drain.py): how often Ray is asked which nodes are draining, and the
+    # time kept in hand before a drain's deadline when deciding whether to leave at a commit.
+    drain_poll_interval_s: float = 0.25
+    drain_margin_s: float = 1.0
     event_log_path: str | None = None
     # False for train_fns that form their own group (the torchrun-compatible CLI).
     init_process_group: bool = True
@@ -52,6 +56,8 @@ class RunConfig:
     # Sharded (FSDP2) state: copies of each rank's committed shards on other nodes, refreshed every N commits.
     shard_replicas: int = 1
     shard_replica_every: int = 1
+    # Port of every round's store on the coordinator's node (the CLI's --master-port); 0: a free one.
+    store_port: int = 0
 
     @property
     def worker_backend(self) -> str:
@@ -140,6 +146,8 @@ def validate(config: RunConfig) -> RunConfig:
         "initial_gather_s",
         "collective_timeout_s",
         "node_poll_interval_s",
+        "drain_poll_interval_s",
+        "drain_margin_s",
     ):
         _require_seconds(name, getattr(config, name))
     _require_seconds("hang_timeout_s", config.hang_timeout_s, allow_none=True)
@@ -163,6 +171,9 @@ def validate(config: RunConfig) -> RunConfig:
         )
     _require_int("shard_replicas", config.shard_replicas, 0)
     _require_int("shard_replica_every", config.shard_replica_every, 1)
+    _require_int("store_port", config.store_port, 0)
+    if config.store_port > 65535:
+        raise ConfigError(f"store_port must be a TCP port (0-65535, 0 for a free one), got {config.store_port}.")
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
     return config

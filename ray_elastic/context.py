@@ -63,7 +63,7 @@ class Session:
         self._interrupt_handlers: list[Callable[[str], None]] = []
         # (work, flag) of the stop-flag all-reduce the last commit started (see State.commit).
         self.pending_agreement: tuple[Any, Any] | None = None
-        self._drains: list[Callable[[], None]] = []  # run when train_fn returns (see `drain`)
+        self._on_return: list[Callable[[], None]] = []  # run when train_fn returns (see `train_fn_returned`)
 
     def add_interrupt_handler(self, handler: Callable[[str], None]) -> None:
         """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
@@ -86,12 +86,12 @@ class Session:
         work.wait()
         return bool(flag.item())
 
-    def add_drain(self, callback: Callable[[], None]) -> None:
+    def on_train_fn_return(self, callback: Callable[[], None]) -> None:
         """Call `callback()` when train_fn returns, before the round ends (to finish background work)."""
-        self._drains.append(callback)
+        self._on_return.append(callback)
 
-    def drain(self) -> None:
-        for callback in list(self._drains):
+    def train_fn_returned(self) -> None:
+        for callback in list(self._on_return):
             callback()
 
     def add_event(self, kind: str, message: str, **data: Any) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("ray_elastic")
@@ -17,8 +18,13 @@ class Event:
     """One thing that happened to a run.
 
     `kind` is one of: round_formed, worker_lost, node_lost, restart,
-    scale_up, scale_down, waiting, node_ready, finished, failed, aborted; and, sent by
-    a worker, restored_from_storage (sharded state whose shards and replicas were lost).
+    scale_up, scale_down, waiting, node_ready, finished, failed, aborted,
+    drain (Ray is draining a node of the round: `data` has node_id, reason,
+    deadline (epoch seconds or None) and path: "commit" (left at the next
+    commit), "crash" (too close to the deadline: dropped as a crash),
+    "withdrawn", or "handover" (a drained worker handed the last commit to
+    the next round: `to`, `ok`)); and, sent by a worker, restored_from_storage
+    (sharded state whose shards and replicas were lost).
     """
 
     kind: str
@@ -48,25 +54,33 @@ def resolve_log_path(path: str | None) -> str | None:
     """Make an event-log path absolute and check it can be appended to, before any actor starts.
 
     The coordinator writes the file, on the driver's node but from its own working
-    directory, so a relative path is resolved against the driver's.
+    directory, so a relative path is resolved against the driver's (lexically: no
+    '..' is left for anyone to reinterpret). The file is created owner-only, and a
+    symbolic link at the path is refused, here and at every write.
 
     Raises:
-        ConfigError: the file cannot be opened for appending.
+        ConfigError: the file cannot be opened for appending, or is a link or not a regular file.
     """
     if path is None:
         return None
     from ray_elastic.errors import ConfigError
+    from ray_elastic.safepath import absolute, is_link, open_append
 
-    resolved = os.path.abspath(os.fspath(path))
+    resolved = absolute(path)
+    if is_link(resolved):
+        raise ConfigError(
+            f"event_log_path {os.fspath(path)!r} is a symbolic link ({resolved} -> {os.readlink(resolved)}); the "
+            f"event log is never written through a link. Pass the real file's path."
+        )
     try:
-        with open(resolved, "a", encoding="utf-8"):
+        with open_append(resolved):
             pass
     except OSError as exc:
         raise ConfigError(
-            f"event_log_path {path!r} cannot be written ({exc.strerror}); pass a file in an existing, "
-            f"writable directory, or None."
+            f"event_log_path {os.fspath(path)!r} cannot be written ({exc.strerror or exc}); pass a regular file "
+            f"in an existing, writable directory, or None."
         ) from exc
-    return resolved
+    return str(resolved)
 
 
 class EventLog:
@@ -82,6 +96,11 @@ class EventLog:
         self.events.append(event)
         logger.info("[%s round %d %s] %s", self.run_id, round_id, state, message)
         if self._path:
-            with open(self._path, "a", encoding="utf-8") as out:
-                out.write(event.to_json() + "\n")
+            from ray_elastic.safepath import open_append
+
+            try:
+                with open_append(Path(self._path)) as out:
+                    out.write(event.to_json() + "\n")
+            except OSError as exc:  # a link planted there, or the disk went away: the run goes on
+                logger.error("event log %s not written (%s); events stay in RunResult.events", self._path, exc)
         return event

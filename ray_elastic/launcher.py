@@ -1,56 +1,79 @@
-"""Runs an unmodified torchrun script as a worker's train_fn (what `ray-elastic run` launches).
+"""Runs an unmodified torchrun script for one rank and one round (what `ray-elastic run` launches).
 
-Each worker actor starts the script as a subprocess with torchrun's environment;
-the round's store lives on the coordinator (``TORCHELASTIC_USE_AGENT_STORE=True``),
-so ``init_process_group("env://")`` in the script connects as a client. When the
-coordinator aborts the round or asks for a membership change, the subprocess tree
-is signalled at once so the round ends promptly; the actor itself stays up and
-starts the script again in the next round. A subprocess never outlives its actor:
-it gets ``PR_SET_PDEATHSIG`` on Linux and its process group is killed on every exit.
+The script starts as a subprocess with torchrun's environment; the round's store
+is the launcher's (``TORCHELASTIC_USE_AGENT_STORE=True``), so
+``init_process_group("env://")`` in the script connects as a client. When the
+round is aborted or re-formed, the subprocess tree is signalled at once so the
+round ends promptly. A subprocess never outlives its launcher: it gets
+``PR_SET_PDEATHSIG`` on Linux and its process group is killed on every exit.
+
+`RankRun` is shared by both ways of running: `run_script` (the train_fn of a
+worker actor on a Ray cluster) and the local worker group (`cli_local.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import psutil
+from ray_elastic.cli_output import STDERR, STDOUT, ChannelSink, ConsoleSink, OutputSpec
+from ray_elastic.context import get_session
+from ray_elastic.script_process import ScriptProcess, StreamRoute, signal_tree
 
-from ray_elastic.context import TrainContext, get_session
+__all__ = ["RankPlace", "RankRun", "RoundInterrupted", "RoundStopped", "ScriptFailedError", "ScriptProcess",
+           "ScriptSpec", "exit_code_of", "pid_of", "run_script", "script_env", "script_failure", "signal_tree"]
 
-STDERR_TAIL_LINES = 60
 _EXIT_CODE = re.compile(r"script exited with code (-?\d+)")
-_PR_SET_PDEATHSIG = 1
-_POLL_S = 0.05
+_PID = re.compile(r"script exited with code -?\d+ \(pid (\d+)\)")
+# torchrun's --run-path: the script runs through runpy in a fresh interpreter, and an exception is
+# recorded in TORCHELASTIC_ERROR_FILE in torch's format, as torch's @record would (without importing torch).
+_RUN_PATH_BOOT = """
+import json, os, runpy, sys, time, traceback
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+except BaseException as exc:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        info = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}
+        with open(path, "w") as fp:
+            json.dump({"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": info}}, fp)
+    raise
+"""
 
 
 @dataclass(frozen=True)
 class ScriptSpec:
-    """What every worker runs, and where its output goes.
+    """What every rank runs, and where its output goes.
 
     Attributes:
         command: the script and its arguments (``("train.py", "--lr", "0.1")``), or
             ``("-m", "pkg.module", ...)``; run with the worker's Python unless `no_python`.
         no_python: run ``command[0]`` as an executable, like torchrun's ``--no-python``.
+        run_path: run the script with ``runpy.run_path`` (torchrun's ``--run-path``).
         cwd: working directory of the script (the CLI's), if it exists on the worker's node.
         log_dir: also write per-rank ``stdout.log``, ``stderr.log`` and ``error.json`` under
             ``log_dir/<run-id>/attempt_<round>/<rank>/``.
-        kill_grace_s: after SIGTERM on abort or stop, SIGKILL follows this much later.
+        kill_grace_s: after SIGTERM on abort or stop, SIGKILL follows this much later
+            (torchrun's ``--shutdown-timeout``).
+        role: ROLE_NAME (torchrun's ``--role``).
+        signals_to_handle: TORCHELASTIC_SIGNALS_TO_HANDLE given to the script.
+        virtual_local_rank: LOCAL_RANK=0 and one GPU in CUDA_VISIBLE_DEVICES per script.
+        numa_binding: torchrun's ``--numa-binding`` mode, applied where the node has GPUs.
+        output: console and log-file settings.
     """
 
     command: tuple[str, ...]
@@ -58,9 +81,28 @@ class ScriptSpec:
     cwd: str | None = None
     log_dir: str | None = None
     kill_grace_s: float = 1.0
+    run_path: bool = False
+    role: str = "default"
+    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    virtual_local_rank: bool = False
+    numa_binding: str | None = None
+    output: OutputSpec = field(default_factory=OutputSpec)
 
     def argv(self) -> list[str]:
+        if self.run_path:
+            return [sys.executable, "-u", "-c", _RUN_PATH_BOOT, *self.command]
         return list(self.command) if self.no_python else [sys.executable, "-u", *self.command]
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where one script runs: its run, round and ranks."""
+
+    run_id: str
+    round_id: int
+    rank: int
+    local_rank: int
+    num_nodes: int
 
 
 class ScriptFailedError(RuntimeError):
@@ -70,18 +112,24 @@ class ScriptFailedError(RuntimeError):
     failed only because a peer vanished reads as a communication error (a victim).
     """
 
-    def __init__(self, exit_code: int, summary: str, remote_traceback: str = ""):
+    def __init__(self, exit_code: int, summary: str, remote_traceback: str = "", pid: int | None = None):
         self.exit_code = exit_code
         self.summary = summary
         self.remote_traceback = remote_traceback
-        super().__init__(f"script exited with code {exit_code}: {summary}")
+        self.pid = pid
+        where = f" (pid {pid})" if pid is not None else ""
+        super().__init__(f"script exited with code {exit_code}{where}: {summary}")
 
     def __reduce__(self):
-        return (type(self), (self.exit_code, self.summary, self.remote_traceback))
+        return (type(self), (self.exit_code, self.summary, self.remote_traceback, self.pid))
 
 
 class RoundInterrupted(RuntimeError):
     """The coordinator aborted the round while the script ran; the worker reports ABORTED."""
+
+
+class RoundStopped(RuntimeError):
+    """The round was asked to re-form (a node joins) while the script ran; the worker reports STOPPED."""
 
 
 def exit_code_of(message: str) -> int | None:
@@ -90,21 +138,28 @@ def exit_code_of(message: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def script_env(ctx: TrainContext, error_file: str) -> dict[str, str]:
-    """torchrun's worker environment: the worker's round variables plus the agent-store settings."""
-    env = dict(os.environ)  # the worker has just set RANK, WORLD_SIZE, MASTER_* ... for this round
+def script_env(base: Mapping[str, str], spec: ScriptSpec, place: RankPlace, error_file: str) -> dict[str, str]:
+    """torchrun's worker environment: `base` (which holds RANK, WORLD_SIZE, MASTER_* ... of the round)
+    plus the agent-store settings."""
+    env = dict(base)
     env.update(
         {
             "TORCHELASTIC_USE_AGENT_STORE": "True",
             "TORCHELASTIC_ERROR_FILE": error_file,
-            "GROUP_WORLD_SIZE": str(ctx.num_nodes),
-            "ROLE_NAME": "default",
-            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+            "GROUP_WORLD_SIZE": str(place.num_nodes),
+            "ROLE_NAME": spec.role,
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": spec.signals_to_handle,
             "PYTHONUNBUFFERED": "1",
         }
     )
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
+    if spec.virtual_local_rank:  # as torchrun: LOCAL_RANK 0, this rank's GPU as device 0
+        env["LOCAL_RANK"] = "0"
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else None
+        env["CUDA_VISIBLE_DEVICES"] = gpus[place.local_rank].strip() if gpus and place.local_rank < len(gpus) \
+            else str(place.local_rank)
     return env
 
 
@@ -124,7 +179,14 @@ def _read_error_file(path: str) -> tuple[str, str] | None:
     return None
 
 
-def script_failure(exit_code: int, error_file: str, stderr_tail: list[str]) -> ScriptFailedError:
+def pid_of(message: str) -> int | None:
+    """The script's pid in a failure message made from a `ScriptFailedError`, if any."""
+    match = _PID.search(message)
+    return int(match.group(1)) if match else None
+
+
+def script_failure(exit_code: int, error_file: str, stderr_tail: list[str],
+                   pid: int | None = None) -> ScriptFailedError:
     """The error for a non-zero exit: the recorded traceback if any, else the stderr tail."""
     recorded = _read_error_file(error_file)
     if recorded is not None:
@@ -137,140 +199,101 @@ def script_failure(exit_code: int, error_file: str, stderr_tail: list[str]) -> S
         with contextlib.suppress(ValueError):
             killed = f"killed by {signal.Signals(-exit_code).name}"
             summary = killed if recorded is None else f"{killed}; {summary}"
-    return ScriptFailedError(exit_code, summary.splitlines()[0][:300] if summary else "", trace)
+    return ScriptFailedError(exit_code, summary.splitlines()[0][:300] if summary else "", trace, pid)
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn: SIGKILL the child when the thread that started it (the actor) dies."""
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def signal_tree(pid: int, sig: int) -> None:
-    """Send `sig` to a process and all its descendants, children first."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True)[::-1] + [root]
-    except psutil.Error:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-
-
-def _pump(stream: IO[bytes], sink_name: str, prefix: str, log_path: Path | None, tail: deque[str] | None) -> None:
-    """Copy a pipe line by line to a per-rank file and, prefixed, to the actor's stdout/stderr."""
-    with open(log_path, "ab") if log_path else contextlib.nullcontext() as log:
-        for raw in iter(stream.readline, b""):
-            if log is not None:
-                log.write(raw)
-                log.flush()
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            if tail is not None:
-                tail.append(line)
-            shown = line if line.startswith(prefix) else f"{prefix}{line}"  # torch adds it to some errors
-            print(shown, file=getattr(sys, sink_name), flush=True)
-    stream.close()
-
-
-class ScriptProcess:
-    """One script subprocess: started unless already interrupted, streamed, killed on every path."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, prefix: str,
-                 log_dir: Path | None, kill_grace_s: float):
-        self.argv = argv
-        self.env = env
-        self.cwd = cwd
-        self.prefix = prefix
-        self.log_dir = log_dir
-        self.kill_grace_s = kill_grace_s
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.interrupted: str | None = None
-        self._interrupted_at = 0.0
-        self._lock = threading.Lock()
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._pumps: list[threading.Thread] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None else None
-
-    def start(self) -> bool:
-        """Start the script; False if the round was interrupted first."""
-        with self._lock:
-            if self.interrupted is not None:
-                return False
-            self._popen = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
-            )
-        assert self._popen.stdout is not None and self._popen.stderr is not None
-        for stream, sink, name, tail in ((self._popen.stdout, "stdout", "stdout.log", None),
-                                         (self._popen.stderr, "stderr", "stderr.log", self.stderr_tail)):
-            log_path = self.log_dir / name if self.log_dir else None
-            thread = threading.Thread(target=_pump, args=(stream, sink, self.prefix, log_path, tail), daemon=True)
-            thread.start()
-            self._pumps.append(thread)
-        return True
-
-    def interrupt(self, reason: str) -> None:
-        """Session interrupt handler ("abort" or "stop"): SIGTERM the tree now, SIGKILL after the grace."""
-        with self._lock:
-            if self.interrupted is None:
-                self.interrupted = reason
-                self._interrupted_at = time.monotonic()
-            popen = self._popen
-        if popen is not None:
-            signal_tree(popen.pid, signal.SIGTERM)
-
-    def wait(self) -> int:
-        """Wait for the script to exit, then kill whatever it left in its process group; the exit code."""
-        popen = self._popen
-        assert popen is not None
-        try:
-            # WNOWAIT keeps the exited script unreaped, so its pid (= its group id) cannot be reused
-            # before its group is killed below.
-            while os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-                if self.interrupted is not None and time.monotonic() - self._interrupted_at > self.kill_grace_s:
-                    signal_tree(popen.pid, signal.SIGKILL)
-                time.sleep(_POLL_S)
-        finally:
-            self.kill()
-        for thread in self._pumps:
-            thread.join(timeout=2.0)
-        return popen.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the script's tree and process group, then reap it (idempotent)."""
-        popen = self._popen
-        if popen is None:
-            return
-        if popen.returncode is None:
-            signal_tree(popen.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=10)
-
-
-def _rank_dir(spec: ScriptSpec, ctx: TrainContext) -> tuple[Path, bool]:
+def _rank_dir(spec: ScriptSpec, place: RankPlace) -> tuple[Path, bool]:
     """Where this rank's error file (and logs) go; True if it is a temporary directory."""
     if spec.log_dir:
-        path = Path(spec.log_dir) / ctx.run_id / f"attempt_{ctx.round_id}" / str(ctx.rank)
+        path = Path(spec.log_dir) / place.run_id / f"attempt_{place.round_id}" / str(place.rank)
         path.mkdir(parents=True, exist_ok=True)
         return path, False
-    return Path(tempfile.mkdtemp(prefix=f"ray_elastic_rank{ctx.rank}_")), True
+    return Path(tempfile.mkdtemp(prefix=f"ray_elastic_rank{place.rank}_")), True
+
+
+def _numa_wrapped(argv: list[str], spec: ScriptSpec, local_rank: int) -> list[str]:
+    """torchrun's --numa-binding: numactl around the script, bound near its GPU (nodes with GPUs only)."""
+    if spec.numa_binding is None:
+        return argv
+    import torch
+
+    if not torch.cuda.is_available():
+        return argv
+    from torch.numa import binding
+
+    options = binding.NumaOptions(binding.AffinityMode(spec.numa_binding), should_fall_back_if_binding_fails=True)
+    return list(binding._maybe_wrap_command_args_with_numa_binding(  # noqa: SLF001 - what torchrun calls
+        tuple(argv), gpu_index=local_rank, numa_options=options))
+
+
+class RankRun:
+    """One rank's script for one round: its files, its process, its output, and how it ended.
+
+    Args:
+        spec: what to run.
+        place: run id, round and ranks.
+        base_env: the round's environment (RANK, WORLD_SIZE, MASTER_* ...).
+        console: where lines are printed when the spec has no output channel.
+    """
+
+    def __init__(self, spec: ScriptSpec, place: RankPlace, base_env: Mapping[str, str],
+                 console: ConsoleSink | None = None):
+        self.spec = spec
+        self.place = place
+        self.dir, self._temporary = _rank_dir(spec, place)
+        self.error_file = self.dir / "error.json"
+        self.error_file.unlink(missing_ok=True)
+        console = console or ConsoleSink()
+        out = spec.output
+        self.sink: Any = ChannelSink(out.channel, console) if out.channel else console
+        prefix = out.prefix(place.rank, place.local_rank, spec.role)
+        attempt = None if self._temporary else self.dir.parent
+        routes = tuple(
+            StreamRoute(prefix, out.shown(place.local_rank, which), out.filters(which),
+                        attempt / f"filtered_{name}.log" if attempt else None)
+            for which, name in ((STDOUT, "stdout"), (STDERR, "stderr"))
+        )
+        cwd = spec.cwd if spec.cwd and os.path.isdir(spec.cwd) else None
+        self.proc = ScriptProcess(
+            _numa_wrapped(spec.argv(), spec, place.local_rank), script_env(base_env, spec, place, str(self.error_file)),
+            cwd, prefix, None if self._temporary else self.dir, spec.kill_grace_s, self.sink,
+            routes,  # type: ignore[arg-type]
+        )
+
+    def run(self) -> dict[str, Any]:
+        """Run the script to its end.
+
+        Returns:
+            {"rank", "pid", "exit_code": 0} when the script succeeded on its own.
+
+        Raises:
+            RoundStopped: the round was asked to re-form while it ran (whatever its exit code).
+            RoundInterrupted: the round was aborted while it ran (whatever its exit code).
+            ScriptFailedError: the script exited non-zero (exit code, its traceback).
+        """
+        try:
+            exit_code = self.proc.wait() if self.proc.start() else None
+            failure = None if exit_code in (0, None) else script_failure(
+                exit_code, str(self.error_file), list(self.proc.stderr_tail), self.proc.pid)
+        finally:
+            self.proc.kill()
+            self.sink.close()  # every line printed before the round's outcome is reported
+            if self._temporary:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        # Interrupted while running: the round ends as the coordinator asked, even for a script that
+        # exits 0 on SIGTERM (save and exit, a common pattern): under torchrun it would be restarted too.
+        if self.proc.interrupted == "stop":
+            raise RoundStopped(f"script on rank {self.place.rank} stopped: round {self.place.round_id} re-forms")
+        if self.proc.interrupted is not None or exit_code is None:
+            raise RoundInterrupted(f"script on rank {self.place.rank} stopped: round {self.place.round_id} "
+                                   f"was aborted")
+        if failure is not None:
+            raise failure
+        return {"rank": self.place.rank, "pid": self.proc.pid, "exit_code": 0}
 
 
 def run_script(spec: ScriptSpec) -> dict[str, Any]:
-    """The train_fn of `ray-elastic run`: run the script for this round and report how it ended.
+    """The train_fn of `ray-elastic run` on a Ray cluster: run the script for this round.
 
     Returns:
         {"rank", "pid", "exit_code": 0} when the script succeeded.
@@ -284,25 +307,11 @@ def run_script(spec: ScriptSpec) -> dict[str, Any]:
 
     session = get_session()
     ctx = session.context
-    rank_dir, temporary = _rank_dir(spec, ctx)
-    error_file = rank_dir / "error.json"
-    error_file.unlink(missing_ok=True)
-    cwd = spec.cwd if spec.cwd and os.path.isdir(spec.cwd) else None
-    proc = ScriptProcess(spec.argv(), script_env(ctx, str(error_file)), cwd, f"[rank{ctx.rank}]:",
-                         None if temporary else rank_dir, spec.kill_grace_s)
-    session.add_interrupt_handler(proc.interrupt)
+    place = RankPlace(ctx.run_id, ctx.round_id, ctx.rank, ctx.local_rank, ctx.num_nodes)
+    # The worker has just set RANK, WORLD_SIZE, MASTER_* ... for this round in its environment.
+    rank_run = RankRun(spec, place, os.environ)
+    session.add_interrupt_handler(rank_run.proc.interrupt)
     try:
-        exit_code = proc.wait() if proc.start() else None
-        failure = None if exit_code in (0, None) else script_failure(exit_code, str(error_file),
-                                                                      list(proc.stderr_tail))
-    finally:
-        proc.kill()
-        if temporary:
-            shutil.rmtree(rank_dir, ignore_errors=True)
-    if exit_code == 0:
-        return {"rank": ctx.rank, "pid": proc.pid, "exit_code": 0}
-    if proc.interrupted == "stop":
-        raise MembershipChange()
-    if proc.interrupted is not None or failure is None:
-        raise RoundInterrupted(f"script on rank {ctx.rank} stopped: round {ctx.round_id} was aborted")
-    raise failure
+        return rank_run.run()
+    except RoundStopped:
+        raise MembershipChange() from None

@@ -316,7 +316,7 @@ class State:
             self._attrs.update(copy.deepcopy(restored.attrs))
         object.__setattr__(self, "restored_from", restored.source)
         object.__setattr__(self, "world_changed", restored.commit_id >= 0 and restored.world != self.context.world_size)
-        self._session.add_drain(self._sharded.drain)
+        self._session.on_train_fn_return(self._sharded.finish_writes)
 
     def _commit_sharded(self) -> None:
         session: Session = self._session

@@ -14,7 +14,8 @@ from typing import Any
 
 from ray_elastic.config import RunConfig
 from ray_elastic.context import WORKER_EVENT
-from ray_elastic.coordinator import policy
+from ray_elastic.coordinator import drain, policy
+from ray_elastic.coordinator.drain_steps import DrainSteps
 from ray_elastic.coordinator.group import WorkerGroup
 from ray_elastic.coordinator.types import OutcomeKind, RoundPlan, WorkerOutcome
 from ray_elastic.errors import (
@@ -117,7 +118,7 @@ def thin_history(history: list[Any], limit: int) -> list[Any]:
     return history
 
 
-class Controller:
+class Controller(DrainSteps):
     """Drives a run through its states. Plain class: the coordinator actor wraps it."""
 
     def __init__(
@@ -152,6 +153,8 @@ class Controller:
         self._last_refresh = float("-inf")
         self._ready_seen: set[str] = set()
         self._last_ready_change = now
+        self.drain = drain.DrainTracker()
+        self._drains: dict[str, drain.DrainNotice] = {}
 
     # -- driving ---------------------------------------------------------------------------
     def request_abort(self, reason: str) -> None:
@@ -201,6 +204,8 @@ class Controller:
             self.exporter.on_event(event, self.clock())
 
     def _maybe_refresh(self, now: float) -> None:
+        self._drains = dict(self.group.drains(now))
+        self._release_drained(now)
         if now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
             self.group.refresh(now)
@@ -268,6 +273,7 @@ class Controller:
         chosen = policy.choose_groups(self.group.ready_groups(), self.previous_order, self.config.max_nodes)
         if len(chosen) < self.config.min_nodes:
             return Waiting(since=now, deadline=now + self.config.wait_for_nodes_timeout_s, cause=state.cause)
+        self._hand_over_drained(chosen, now)
         plan = RoundPlan(round_id=self.next_round_id, restart_count=self.restarts, groups=tuple(chosen))
         self.next_round_id += 1
         previous = set(self.previous_order)
@@ -366,6 +372,9 @@ class Controller:
                 self._emit("finished", f"run finished after {self.restarts} restart(s)")
                 return Succeeded(values)
             return self._begin_resize(state)
+        after_drain = self._check_drains(state, now)
+        if after_drain is not None:
+            return after_drain
         if not state.stop_requested and policy.should_scale_up(
             len(state.plan.groups),
             len(self._ready_seen),  # ready nodes outside the round (members that returned do not count)
@@ -380,6 +389,9 @@ class Controller:
     def _begin_resize(self, state: Running) -> State:
         # Ranks that already returned re-enter train_fn too: restored from the last
         # commit, they finish at once alongside the others.
+        drained = self._left_drained_nodes(state)
+        if drained is not None:
+            return Forming(cause=drained)
         self._emit("scale_up", "members left at a commit to let new node(s) join")
         return Forming(cause="scale-up")
 

@@ -7,7 +7,9 @@ and the coordinator-scale benchmark implement it with plain objects.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
+from ray_elastic.coordinator.drain import DrainNotice
 from ray_elastic.coordinator.types import Heartbeat, NodeGroup, RoundPlan, WorkerOutcome
 
 
@@ -49,6 +51,22 @@ class WorkerGroup(abc.ABC):
     @abc.abstractmethod
     def kill(self, worker_ids: list[str], reason: str) -> None:
         """Kill these workers; replacements start where their node is still alive."""
+
+    def drains(self, now: float) -> Mapping[str, DrainNotice]:
+        """Nodes Ray is draining, by node id (polled at most every drain_poll_interval_s).
+
+        Drained nodes are never in `ready_groups()`, get no new workers, and are released once their
+        workers are killed (`drained_groups()` lists those still idle). Default: none.
+        """
+        return {}
+
+    def drained_groups(self) -> list[NodeGroup]:
+        """Node groups of drained nodes whose workers are alive and idle (kept until `kill`ed). Default: none."""
+        return []
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        """Copy the committed snapshot of idle worker `source` into idle worker `target`; True if it holds it."""
+        return False
 
     def worker_pids(self) -> list[int]:
         """Process ids of every worker the run started (for leak checks)."""

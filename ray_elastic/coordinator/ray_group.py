@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_elastic.config import RunConfig
+from ray_elastic.coordinator.drain import DrainNotice, read_draining_nodes
 from ray_elastic.coordinator.group import WorkerGroup
 from ray_elastic.coordinator.types import (
     Heartbeat,
@@ -28,6 +29,7 @@ from ray_elastic.coordinator.types import (
     RoundSpec,
     WorkerOutcome,
 )
+from ray_elastic.netbind import listen_host, round_secret
 from ray_elastic.placement import cluster_nodes, fits, pinned_group
 from ray_elastic.store import RoundStore
 from ray_elastic.worker.actor import ElasticWorker
@@ -65,6 +67,7 @@ class _Node:
     slots: list[_Slot | None] = field(default_factory=list)
     generation: int = 0
     created: float = 0.0
+    ip: str = ""  # the node IP Ray reports
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -96,6 +99,9 @@ class RayWorkerGroup(WorkerGroup):
         self._demand = 0
         self._passed_over: dict[str, float] = {}  # node id -> when a group pending there was moved
         self._acked: dict[str, int] = {}  # worker id -> highest report sequence number passed on
+        self._drains: dict[str, DrainNotice] = {}  # nodes Ray is draining (see coordinator/drain.py)
+        self._drains_polled = float("-inf")
+        self._slot_seq = 0
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -110,7 +116,7 @@ class RayWorkerGroup(WorkerGroup):
                 self._drop_node(node_id)
         free = [  # nodes that could hold a node group of this run, not passed over lately
             node_id for node_id, info in sorted(infos.items())
-            if node_id not in self.nodes and info.alive
+            if node_id not in self.nodes and info.alive and node_id not in self._drains
             and now - self._passed_over.get(node_id, float("-inf")) >= PASSED_OVER_S
             and fits(info.resources, self.config.bundle, self.config.nproc_per_node)
         ]
@@ -120,20 +126,62 @@ class RayWorkerGroup(WorkerGroup):
                         PLACEMENT_PATIENCE_S)
             self._drop_node(node_id)
             self._passed_over[node_id] = now
-        for node_id in free[:max(0, self.config.max_nodes - len(self.nodes))]:
+        staying = sum(1 for n in self.nodes if n not in self._drains)  # drained ones are on their way out
+        for node_id in free[:max(0, self.config.max_nodes - staying)]:
             pg = pinned_group(node_id, self.config.bundle, self.config.nproc_per_node,
-                              name=f"ray_elastic-{self.config.run_id}-{node_id[:8]}")
+                              name=f"ray_elastic-{self.config.run_id}-{node_id}")
             self.nodes[node_id] = _Node(node_id, pg, pg.ready(), slots=[None] * self.config.nproc_per_node,
-                                        created=now)
-        self._express_demand(self.config.max_nodes if len(self.nodes) < self.config.max_nodes else 0)
+                                        created=now, ip=infos[node_id].address)
+        self._release_drained()
+        staying = sum(1 for n in self.nodes if n not in self._drains)
+        self._express_demand(self.config.max_nodes if staying < self.config.max_nodes else 0)
         self._advance_startups()
 
+    def drains(self, now: float) -> dict[str, DrainNotice]:
+        if now - self._drains_polled >= self.config.drain_poll_interval_s:
+            self._drains_polled = now
+            polled = read_draining_nodes(now)
+            if polled is not None:
+                self._drains = polled
+            self._release_drained()
+        return self._drains
+
+    def _release_drained(self) -> None:
+        """Let drained nodes go: drop every drained node group with no worker in a round or kept idle
+        (the controller keeps idle ones that may hold the last commit, and kills them when done)."""
+        for node_id in [n for n in self.nodes if n in self._drains]:
+            if not any(s is not None and s.status in (BUSY, READY) for s in self.nodes[node_id].slots):
+                logger.info("releasing drained node %s", node_id[:12])
+                self._drop_node(node_id)
+
+    def drained_groups(self) -> list[NodeGroup]:
+        return [
+            NodeGroup(node.node_id, tuple(s.worker_id for s in node.slots if s is not None))
+            for node in self.nodes.values()
+            if node.node_id in self._drains and all(s is not None and s.status == READY for s in node.slots)
+        ]
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        src, dst = self._slot(source), self._slot(target)
+        if src is None or dst is None or src.status != READY or dst.status != READY:
+            return False
+        try:  # the payload goes from one worker to the other through the object store, not through here
+            held = ray.get(dst.actor.import_snapshot.remote(src.actor.export_snapshot.remote()), timeout=timeout_s)
+        except (RayError, ray.exceptions.GetTimeoutError):
+            logger.warning("handing the snapshot of %s over to %s failed", source, target, exc_info=True)
+            return False
+        return bool(held >= 0)
+
     def _express_demand(self, wanted: int) -> None:
-        """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters."""
+        """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters.
+
+        One bundle per node group (all its workers' resources), as a group must fit on one node.
+        """
         if wanted == self._demand:
             return
         self._demand = wanted
-        bundles = [dict(self.config.bundle)] * (wanted * self.config.nproc_per_node)
+        group = {name: amount * self.config.nproc_per_node for name, amount in self.config.bundle.items()}
+        bundles = [group] * wanted
         try:
             request_resources(bundles=bundles)
         except Exception:  # noqa: BLE001 - demand is advisory
@@ -141,6 +189,8 @@ class RayWorkerGroup(WorkerGroup):
 
     def _advance_startups(self) -> None:
         for node in self.nodes.values():
+            if node.node_id in self._drains:  # no new workers on a node that is going away
+                continue
             if not node.placed:
                 ready, _ = ray.wait([node.pg_ready], timeout=0)
                 if not ready:
@@ -165,8 +215,11 @@ class RayWorkerGroup(WorkerGroup):
                         slot.status = DEAD
 
     def _start_slot(self, node: _Node, index: int) -> _Slot:
+        # Numbered across the whole group: node ids may share their first characters (the autoscaler's
+        # fake provider numbers them at the end), and a node may leave and come back.
         node.generation += 1
-        worker_id = f"{node.node_id[:8]}-{index}-{node.generation}"
+        self._slot_seq += 1
+        worker_id = f"{node.node_id[:8]}-{index}-{self._slot_seq}"
         env = {"OMP_NUM_THREADS": "1"}
         options: dict[str, Any] = {
             "max_concurrency": 4,
@@ -200,25 +253,30 @@ class RayWorkerGroup(WorkerGroup):
             NodeGroup(node.node_id, tuple(s.worker_id for s in node.slots if s is not None))
             for node in self.nodes.values()
             if node.placed and all(s is not None and s.status == READY for s in node.slots)
+            and node.node_id not in self._drains
         ]
 
     def pending_count(self) -> int:
         return sum(
             1 for node in self.nodes.values()
-            if not node.placed or any(s is None or s.status == STARTING for s in node.slots)
+            if (not node.placed or any(s is None or s.status == STARTING for s in node.slots))
+            and node.node_id not in self._drains
         )
 
     # -- rounds --------------------------------------------------------------------------------
     def start_round(self, plan: RoundPlan) -> None:
         if self.store is not None:
             self.store.close()
-        self.store = RoundStore(self.store_host)
+        assignments = plan.assignments()
+        worker_ips = [self.nodes[a.node_id].ip if a.node_id in self.nodes else "" for a in assignments]
+        self.store = RoundStore(listen_host(self.store_host, worker_ips), port=self.config.store_port)
+        secret = round_secret()  # every key of the round lives under it; it travels only in Ray calls
         self.round_id = plan.round_id
         self._round_refs.clear()
         self._probe_refs.clear()
         self._acked.clear()  # reports are numbered per round
         self._members = plan.worker_ids
-        for a in plan.assignments():
+        for a, ip in zip(assignments, worker_ips):
             slot = self._slot(a.worker_id)
             node = self.nodes.get(a.node_id)
             if slot is None or node is None:
@@ -226,7 +284,8 @@ class RayWorkerGroup(WorkerGroup):
             slot.status = BUSY
             node_gpus = sorted({g for s in node.slots if s is not None for g in s.gpu_ids}, key=_gpu_order)
             spec = RoundSpec(a, plan.round_id, plan.restart_count, self.store.host, self.store.port,
-                             self.config.max_restarts, tuple(node_gpus), slot.gpu_ids)
+                             self.config.max_restarts, tuple(node_gpus), slot.gpu_ids, store_prefix=secret,
+                             bind_host=listen_host(ip, worker_ips) if ip else "")
             self._round_refs[slot.actor.run_round.remote(spec)] = a.worker_id
 
     def wait(self, timeout_s: float) -> list[WorkerOutcome]:
@@ -314,6 +373,8 @@ class RayWorkerGroup(WorkerGroup):
         return sorted(self._pids)
 
     def shutdown(self) -> None:
+        if self._round_refs:  # an aborted run: members leave their round first (the CLI's scripts: their grace)
+            ray.wait(list(self._round_refs), num_returns=len(self._round_refs), timeout=self.config.abort_timeout_s)
         for node_id in list(self.nodes):
             self._drop_node(node_id)
         self._express_demand(0)

@@ -79,6 +79,9 @@ class RoundSpec:
     max_restarts: int
     node_gpu_ids: tuple[str, ...] = ()  # GPUs of every worker of this node group, for CUDA_VISIBLE_DEVICES
     gpu_ids: tuple[str, ...] = ()  # this worker's own GPUs, as Ray assigned them
+    # The round's secret store-key prefix: handed over through Ray only, never logged or put in an environment.
+    store_prefix: str = field(default="", repr=False)
+    bind_host: str = ""  # where this worker's listeners (gloo) bind: its node IP, or loopback on a one-machine round
 
 
 class OutcomeKind(str, enum.Enum):

@@ -63,9 +63,9 @@ class ShardedSession:
             return None
         group = getattr(self.session, "sharded_host_group", None)
         if group is None:  # NCCL training: shards move through a gloo group of the round, in host memory
-            group, conns = _new_gloo_group()
+            group, addresses = _new_gloo_group()
             self.session.sharded_host_group = group
-            self.session.add_interrupt_handler(lambda reason: _sever(reason, conns))
+            self.session.add_interrupt_handler(lambda reason: _sever(reason, addresses))
         return group
 
     def enter(self) -> Restored:
@@ -97,39 +97,44 @@ class ShardedSession:
             checkpoints.wait()  # every rank is here: let the write of this commit finish before the group goes
         return stop
 
-    def drain(self) -> None:
+    def finish_writes(self) -> None:
         """At the end of train_fn: let a checkpoint write still running finish."""
         if self.checkpoints is not None:
             self.checkpoints.wait()
 
 
-def _new_gloo_group() -> tuple[Any, list[Any]]:
-    """A gloo group over every rank, and the TCP connections it opened (gloo cannot be aborted otherwise)."""
-    import os
+def _new_gloo_group() -> tuple[Any, tuple[set[Any], set[Any]]]:
+    """A gloo group over every rank, and the listening addresses that identify its connections.
 
-    from ray_elastic.worker.process_group import _established
+    gloo cannot be aborted: a rank blocked in it is freed by shutting its connections down
+    (see `ray_elastic.worker.process_group`); these are found by this process's listeners
+    that the group opened and every rank's, exchanged over the new group itself.
+    """
+    from ray_elastic.sharded.comm import all_gather_objects
+    from ray_elastic.worker.process_group import _listeners
 
-    store_port = int(os.environ.get("MASTER_PORT", "0") or 0)
-    before = set(_established(store_port))
+    before = _listeners()
     group = dist.new_group(backend="gloo")
-    return group, [c for fd, c in _established(store_port).items() if fd not in before]
+    own = _listeners() - before
+    peers = {tuple(a) for addrs in all_gather_objects(sorted(own), group) for a in addrs}
+    return group, (own, peers | own)
 
 
-def _sever(reason: str, conns: list[Any]) -> None:
+def _sever(reason: str, addresses: tuple[set[Any], set[Any]]) -> None:
     """On an abort, shut down the host group's connections so a rank blocked in it raises at once."""
     import socket
 
-    from ray_elastic.worker.process_group import _same_address
+    from ray_elastic.worker.process_group import _norm, gloo_connections
 
     if reason != "abort":
         return
-    for conn in conns:
+    for conn in gloo_connections(*addresses):
         try:
             sock = socket.socket(fileno=conn.fd)
         except OSError:
             continue
         try:
-            if _same_address(sock.getsockname(), conn.laddr) and _same_address(sock.getpeername(), conn.raddr):
+            if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass

@@ -136,6 +136,26 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError(f"{alive} worker nodes alive after {timeout_s}s, wanted {num_nodes}")
 
+    def drain_node(
+        self, node: Any, deadline_s: float | None = None, reason: str = "DRAIN_NODE_REASON_PREEMPTION",
+        message: str = "drained by ray_elastic.testing",
+    ) -> tuple[bool, str]:
+        """Ask Ray to drain a node: the GCS `DrainNode` call of `ray drain-node`, autoscaler v2 and KubeRay.
+
+        Ray does not kill the node at the deadline (the caller does: `kill_node`); it lets it exit
+        once idle. Returns (accepted, Ray's reason when it rejected the request).
+        """
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
+        from ray.core.generated import autoscaler_pb2
+
+        deadline_ms = 0 if deadline_s is None else int((time.time() + deadline_s) * 1000)
+        gcs = GcsClient(address=self.address)
+        accepted, rejection = gcs.drain_node(
+            node.node_id, autoscaler_pb2.DrainNodeReason.Value(reason),  # type: ignore[attr-defined]
+            message, deadline_ms, timeout=30,
+        )
+        return bool(accepted), str(rejection)
+
     @staticmethod
     def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ray_elastic.coordinator.drain import DrainNotice
 from ray_elastic.coordinator.group import WorkerGroup
 from ray_elastic.coordinator.types import Heartbeat, NodeGroup, OutcomeKind, RoundPlan, WorkerOutcome
 
@@ -88,6 +89,8 @@ class FakeWorkerGroup(WorkerGroup):
         self.stops: list[int] = []
         self.refreshes = 0
         self.shut_down = False
+        self.draining: dict[str, DrainNotice] = {}
+        self.handovers: list[tuple[str, str]] = []
 
     # -- the test's controls ---------------------------------------------------------------------
     def add_node(self, node_id: str | None = None, start_s: float = 0.0) -> str:
@@ -110,6 +113,15 @@ class FakeWorkerGroup(WorkerGroup):
         """The node is lost: its workers die, those in the round report DIED."""
         for worker in self.nodes.pop(node_id):
             self._kill_worker(worker, report="node died")
+
+    def drain_node(self, node_id: str, deadline_in_s: float | None = None) -> None:
+        """Ray starts draining the node: its workers keep running; it is not chosen again."""
+        deadline = None if deadline_in_s is None else self.clock() + deadline_in_s
+        self.draining[node_id] = DrainNotice(node_id, deadline)
+
+    def withdraw_drain(self, node_id: str) -> None:
+        """The drain notice is gone while the node stays."""
+        self.draining.pop(node_id, None)
 
     def finish(self, worker_id: str, value: Any = None) -> None:
         """train_fn returned `value`."""
@@ -185,7 +197,7 @@ class FakeWorkerGroup(WorkerGroup):
         self.refreshes += 1
         for node_id, workers in self.nodes.items():
             for index, worker in enumerate(workers):
-                if worker.status == "dead":
+                if worker.status == "dead" and node_id not in self.draining:
                     workers[index] = self._new_worker(node_id, index, now + self.replace_s)
 
     def ready_groups(self) -> list[NodeGroup]:
@@ -193,13 +205,31 @@ class FakeWorkerGroup(WorkerGroup):
         return [
             NodeGroup(node_id, tuple(w.worker_id for w in workers))
             for node_id, workers in self.nodes.items()
-            if all(w.status == "ready" and now >= w.ready_at for w in workers)
+            if all(w.status == "ready" and now >= w.ready_at for w in workers) and node_id not in self.draining
         ]
 
     def pending_count(self) -> int:
         now = self.clock()
         starting = (any(w.status == "ready" and now < w.ready_at for w in workers) for workers in self.nodes.values())
         return sum(starting)
+
+    def drains(self, now: float) -> dict[str, DrainNotice]:
+        return self.draining
+
+    def drained_groups(self) -> list[NodeGroup]:
+        now = self.clock()
+        return [
+            NodeGroup(node_id, tuple(w.worker_id for w in workers))
+            for node_id, workers in self.nodes.items()
+            if node_id in self.draining and all(self._is_ready(w, now) for w in workers)
+        ]
+
+    def hand_over(self, source: str, target: str, timeout_s: float) -> bool:
+        now = self.clock()
+        if not (self._is_ready(self.workers[source], now) and self._is_ready(self.workers[target], now)):
+            return False
+        self.handovers.append((source, target))
+        return True
 
     def start_round(self, plan: RoundPlan) -> None:
         now = self.clock()

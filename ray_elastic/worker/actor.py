@@ -18,6 +18,7 @@ from typing import Any
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, WorkerOutcome
+from ray_elastic.netbind import pin_gloo_interface
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
 from ray_elastic.worker.process_group import GroupHandle, is_communication_error
@@ -41,6 +42,12 @@ def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
         "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
         "TORCHELASTIC_RUN_ID": run_id,
     }
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 class ElasticWorker:
@@ -83,6 +90,7 @@ class ElasticWorker:
         self._session: Session | None = None
         self._stop = threading.Event()
         self._aborted: set[int] = set()
+        self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
 
     # -- control path ------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
@@ -123,6 +131,20 @@ class ElasticWorker:
             session.interrupt("abort")
         return group.sever() if group is not None else 0
 
+    def export_snapshot(self) -> dict[str, Any] | None:
+        """This worker's committed snapshot, handed over before its node is drained (None: it holds none)."""
+        with self._lock:
+            in_round = self._session is not None
+        if in_round or self.snapshots.held_commit_id() < 0:
+            return None
+        return self.snapshots.as_payload()
+
+    def import_snapshot(self, payload: dict[str, Any] | None) -> int:
+        """Hold a snapshot handed over from a drained node's worker (if newer); return the commit held."""
+        if payload is not None and payload["commit_id"] > self.snapshots.commit_id:
+            self.snapshots.load_payload(payload)
+        return self.snapshots.held_commit_id()
+
     # -- training path -----------------------------------------------------------------------------
     def _device(self, spec: RoundSpec):
         """CPU, or this worker's GPU with every GPU of its node visible (so NCCL sees its peers)."""
@@ -148,6 +170,7 @@ class ElasticWorker:
             self._round_id = spec.round_id
             self._stop.clear()
         os.environ.update(torchrun_env(spec, self.config.run_id))
+        self._gloo_ifname = pin_gloo_interface(spec.bind_host or _node_ip(), self._gloo_ifname)
         device = self._device(spec)
         if device.type == "cuda" and self.config.worker_backend == "nccl":
             import torch
@@ -179,8 +202,7 @@ class ElasticWorker:
             )
             group = None if not self.config.init_process_group else GroupHandle(
                 self.config.worker_backend,
-                dist.PrefixStore(f"round{spec.round_id}", store),
-                spec.store_port,
+                dist.PrefixStore(f"{spec.store_prefix}/round{spec.round_id}", store),
                 a.rank,
                 a.world_size,
                 self.config.collective_timeout_s,
@@ -194,7 +216,7 @@ class ElasticWorker:
                 return self._outcome(spec, OutcomeKind.ABORTED, session=session, message="aborted while forming")
             set_session(session)
             value = self._call_train_fn()
-            session.drain()  # background work of the round (a sharded checkpoint write) finishes first
+            session.train_fn_returned()  # background work of the round (a sharded checkpoint write) finishes first
             session.finish_agreement()  # every rank started it at its last commit: let it complete
             return self._outcome(spec, OutcomeKind.DONE, value=value, session=session)
         except MembershipChange:

@@ -2,23 +2,33 @@
 
 gloo has no working abort: a rank blocked waiting on a live peer stays blocked
 until the collective timeout even after `destroy_process_group()`. Shutting
-down the TCP connections that `init_process_group` opened makes the blocked
-collective raise at once. We record exactly those sockets (new established
-connections, not the listener, not the store) and check each one's addresses
-again before shutting it down, so a reused file descriptor is never touched.
-NCCL groups are aborted with the backend's own abort.
+down gloo's TCP connections makes the blocked collective raise at once.
+
+Exactly gloo's connections are shut down, found by address, not by when they
+appeared: after `init_process_group`, each rank publishes the listening address
+gloo opened in it (under the round's secret store prefix) and reads its peers'.
+A gloo connection is one this process accepted on its own gloo listener, or one
+it opened to a peer's. Connections of user threads or Ray, even ones opened while
+the group formed, match neither; they are listed when the sever happens, so a
+gloo socket on a reused file descriptor is found too, and each one's addresses
+are checked again on its descriptor before it is shut down. NCCL groups are
+aborted with the backend's own abort.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import torch.distributed as dist
+
+from ray_elastic.netbind import is_wildcard
 
 logger = logging.getLogger("ray_elastic")
 
@@ -45,34 +55,63 @@ def is_communication_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _COMM_ERROR_MARKERS)
 
 
+Address = tuple[str, int]
+_LISTENERS_KEY = "ray_elastic/gloo_listeners/"
+
+
+def _norm(addr: Any) -> Address:
+    host = str(addr[0])
+    return (host[7:] if host.startswith("::ffff:") else host, int(addr[1]))
+
+
+def _listeners() -> set[Address]:
+    return {_norm(c.laddr) for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
 @dataclass(frozen=True)
 class _Conn:
     fd: int
-    laddr: tuple
-    raddr: tuple
+    laddr: Address
+    raddr: Address
 
 
-def _established(exclude_remote_port: int) -> dict[int, _Conn]:
-    out = {}
+def gloo_connections(own: set[Address], peers: set[Address]) -> list[_Conn]:
+    """This process's established TCP connections that belong to gloo.
+
+    Args:
+        own: the listening addresses gloo opened in this process.
+        peers: the listening addresses every rank of the group published (own included).
+    """
+    own_ports = {port for host, port in own if is_wildcard(host)}
+    out = []
     for c in psutil.Process().net_connections(kind="tcp"):
-        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.fd >= 0 and c.raddr[1] != exclude_remote_port:
-            out[c.fd] = _Conn(c.fd, tuple(c.laddr), tuple(c.raddr))
+        if c.status != psutil.CONN_ESTABLISHED or not c.raddr or c.fd < 0:
+            continue
+        laddr, raddr = _norm(c.laddr), _norm(c.raddr)
+        if laddr in own or laddr[1] in own_ports or raddr in peers:
+            out.append(_Conn(c.fd, laddr, raddr))
     return out
 
 
-def _same_address(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1] == b[1]
-
-
 class GroupHandle:
-    """The default process group of one round, with a way to break it from another thread."""
+    """The default process group of one round, with a way to break it from another thread.
 
-    def __init__(self, backend: str, store: dist.Store, store_port: int, rank: int, world_size: int,
-                 timeout_s: float, device_id=None):
+    Args:
+        backend: "gloo" or "nccl".
+        store: the round's store, already under the round's secret prefix.
+        rank, world_size: this rank's place.
+        timeout_s: the collective timeout.
+        device_id: the rank's device (NCCL).
+    """
+
+    def __init__(self, backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float,
+                 device_id=None):
         self.backend = backend
         self._lock = threading.Lock()
         self._alive = False
-        before = set(_established(store_port)) if backend == "gloo" else set()
+        self._own: set[Address] = set()
+        self._peers: set[Address] = set()
+        before = _listeners() if backend == "gloo" else set()
         kwargs = {}
         if device_id is not None:
             kwargs["device_id"] = device_id
@@ -85,9 +124,21 @@ class GroupHandle:
             **kwargs,
         )
         self._alive = True
-        self._conns: list[_Conn] = []
         if backend == "gloo":
-            self._conns = [c for fd, c in _established(store_port).items() if fd not in before]
+            try:
+                self._own, self._peers = self._exchange_listeners(store, rank, world_size, _listeners() - before)
+            except BaseException:
+                self.destroy()  # a peer vanished before publishing: leave no default group behind
+                raise
+
+    @staticmethod
+    def _exchange_listeners(store: dist.Store, rank: int, world_size: int,
+                            own: set[Address]) -> tuple[set[Address], set[Address]]:
+        """Publish this rank's gloo listening addresses; read every rank's."""
+        store.set(f"{_LISTENERS_KEY}{rank}", json.dumps(sorted(own)))
+        keys = [f"{_LISTENERS_KEY}{r}" for r in range(world_size)]
+        peers = {(str(host), int(port)) for value in store.multi_get(keys) for host, port in json.loads(value)}
+        return own, peers | own
 
     def sever(self) -> int:
         """Make every blocked collective of this group fail now. Safe from any thread; idempotent.
@@ -106,13 +157,13 @@ class GroupHandle:
                     logger.debug("process group abort failed", exc_info=True)
                     return 0
             closed = 0
-            for conn in self._conns:
+            for conn in gloo_connections(self._own, self._peers):
                 try:
                     sock = socket.socket(fileno=conn.fd)
                 except OSError:
                     continue
                 try:
-                    if _same_address(sock.getsockname(), conn.laddr) and _same_address(sock.getpeername(), conn.raddr):
+                    if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
                         sock.shutdown(socket.SHUT_RDWR)
                         closed += 1
                 except OSError:

@@ -30,7 +30,9 @@ TORCHRUN_KEYS = (
 ENV_SCRIPT = f"""
 import json, os, sys
 import torch, torch.distributed as dist
-dist.init_process_group("gloo", init_method="env://")
+init = sys.argv[2] if len(sys.argv) > 2 else "env://"  # e.g. tcp://127.0.0.1:PORT (issue 19)
+dist.init_process_group("gloo", init_method=init, rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
 total = torch.ones(1)
 dist.all_reduce(total)
 env = {{k: os.environ.get(k) for k in {TORCHRUN_KEYS!r}}}
@@ -177,8 +179,9 @@ def test_script_env_matches_torchrun(cluster, no_leaks, tmp_path):
     script.write_text(ENV_SCRIPT)
     out = tmp_path / "ours"
     out.mkdir()
+    port = _free_port()  # --master-port binds the store there: a script naming it in tcp:// works (issue 19)
     argv = ["run", "--nnodes=2:2", "--nproc-per-node=2", "--max_restarts=3", "--rdzv_id=envcheck",
-            str(script), str(out)]
+            f"--master-port={port}", str(script), str(out), f"tcp://127.0.0.1:{port}"]
     assert main(argv) == 0
     ours = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)}
     no_leaks([env["pid"] for env in ours.values()])
@@ -194,11 +197,11 @@ def test_script_env_matches_torchrun(cluster, no_leaks, tmp_path):
         assert ours[rank]["GROUP_RANK"] == str(rank // 2) and ours[rank]["LOCAL_RANK"] == str(rank % 2)
         assert ours[rank]["TORCHELASTIC_ERROR_FILE"], "each rank has an error file"
     assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in ours.values()}) == 1
-    assert int(ours[0]["MASTER_PORT"]) > 0
+    assert ours[0]["MASTER_PORT"] == str(port)
     assert len({e["TORCHELASTIC_ERROR_FILE"] for e in ours.values()}) == 4
 
 
-def test_failing_script_reports_root_cause_and_its_exit_code(cluster, no_leaks, tmp_path, capsys):
+def test_failing_script_reports_root_cause_as_torchrun_does(cluster, no_leaks, tmp_path, capsys):
     cluster.resize(1)
     script = tmp_path / "fail.py"
     script.write_text(FAILING_SCRIPT)
@@ -218,9 +221,9 @@ def test_failing_script_reports_root_cause_and_its_exit_code(cluster, no_leaks, 
     exited.mkdir()
     rc = main(["run", "--nproc-per-node=2", "--max-restarts=0", str(script), "exit", str(exited)])
     report = capsys.readouterr().err
-    assert rc == 7, report
+    assert rc == 1, report  # torchrun's exit code; the script's own is in the report
     root = report[report.index("Root Cause"):]
-    assert "rank      : 1 " in root and "exitcode  : 7" in root
+    assert "rank      : 1 (local_rank: 1)" in root and "exitcode  : 7 (pid: " in root
     assert "giving up with exit code 7" in root, "the tail of the script's stderr"
     no_leaks([int(p.read_text()) for d in (pids, exited) for p in d.iterdir()])
 
@@ -259,10 +262,21 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         assert "Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+# The example, saving and exiting 0 on SIGTERM (a common pattern for preemption).
+GRACEFUL_EXAMPLE = f"""
+import runpy, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
+"""
+
+
 def test_scripts_restart_with_the_new_world_when_a_node_joins(cluster, no_leaks, tmp_path):
+    """Even scripts that exit 0 on the SIGTERM of the scale-up: the run goes on (issue 18, item 2)."""
     cluster.resize(1)
     snap = tmp_path / "snap"
-    argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(EXAMPLE),
+    graceful = tmp_path / "graceful.py"
+    graceful.write_text(GRACEFUL_EXAMPLE)
+    argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(graceful),
             "--snapshot-dir", str(snap), "--steps", "70", "--sleep", "0.3"]  # long enough for a node to start
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(rc=main(argv)))

@@ -1,21 +1,29 @@
-"""`ray job submit` against a real multi-raylet cluster started with the `ray start` CLI.
+"""README's "ray job submit" section, walked as a new user would, and joining a token-protected cluster.
 
-The cluster is this test's own: its own ports, temp dir and auth token, and every
-`ray start` runs in a new session so that teardown kills exactly the processes it
-started (never `ray stop`, which would take down other clusters on the machine).
+A fresh HOME (no ~/.ray): the README's set-up runs the quickstart (a local `ray.init()`,
+which writes ~/.ray/auth_token), then the job-submit section's commands run as written,
+in one shell. Only what keeps this cluster from meeting others on the machine is added:
+the quickstart runs with RAY_ADDRESS=local, `ray start` gets its own ports, temp dir and
+node IP, and the dashboard port in the submit address follows. The same head (token
+authentication on, as the README leaves it) then serves the checks of `run()` and
+`ray-elastic run --address` with no token, a wrong one and the right one. Teardown kills
+exactly the processes that carry this HOME in their environment, never `ray stop`
+(which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +34,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
 
 
 def _free_port() -> int:
@@ -35,73 +42,61 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class CliCluster:
-    """A head (no CPUs, dashboard on) and worker raylets, each started by `ray start` in its own session."""
+def readme_commands(section: str) -> list[str]:
+    """The first ```bash block under README heading `section`, one command per line, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", body, re.S)
+    assert block, f"README section {section!r} has no bash block"
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.group(1).splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class ReadmeMachine:
+    """A fresh HOME on this machine; every command runs with it, and teardown finds its processes by it."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.home = root / "home"
+        self.home.mkdir()
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
-        token = root / "auth_token"
-        token.write_text(secrets.token_hex(32))
+        self.commands = readme_commands("ray job submit")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in the entrypoint is this venv's
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(token),
+            HOME=str(self.home),
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `ray` and `python` are this venv's
             OMP_NUM_THREADS="1",
             RAY_DEDUP_LOGS="0",
             PYTHONUNBUFFERED="1",
         )
-        self.sessions: list[int] = []
 
     @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
 
-    def _ray_start(self, *args: str) -> None:
-        common = [
-            "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.root / 'ray'}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            "--disable-usage-stats",
-        ]
-        proc = subprocess.Popen(
-            [RAY, "start", *args, *common],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        self.sessions.append(proc.pid)
-        out, _ = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray start {' '.join(args)} failed:\n{out[-4000:]}")
+    def isolate(self, command: str) -> str:
+        """Keep the README's command as written, plus what stops it meeting other clusters here."""
+        if command.startswith("ray start"):
+            command += (f" --port={self.gcs_port} --dashboard-port={self.dashboard_port}"
+                        f" --temp-dir={self.root / 'ray'} --node-ip-address=127.0.0.1"
+                        f" --dashboard-agent-listen-port={_free_port()} --disable-usage-stats")
+        return command.replace("127.0.0.1:8265", f"127.0.0.1:{self.dashboard_port}")
 
-    def start(self, worker_cpus: tuple[int, ...]) -> None:
-        self._ray_start(
-            "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-        )
-        for cpus in worker_cpus:
-            self._ray_start(f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={cpus}")
-
-    def _is_ours(self, proc: psutil.Process) -> bool:
-        if os.getsid(proc.pid) in self.sessions:
-            return True
-        # Workers (and anything they spawn) inherit the environment, token path included.
-        return proc.environ().get("RAY_AUTH_TOKEN_PATH") == self.env["RAY_AUTH_TOKEN_PATH"]
+    def shell(self, script: str, timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env or self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process this cluster started: its sessions, its environment, their descendants."""
-        found: dict[int, psutil.Process] = {}
+        found = []
         for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if proc.pid not in found and self._is_ours(proc):
-                    found[proc.pid] = proc
-                    for child in proc.children(recursive=True):
-                        found[child.pid] = child
-        return list(found.values())
+            with contextlib.suppress(psutil.Error):
+                if proc.pid != os.getpid() and proc.environ().get("HOME") == self.env["HOME"]:
+                    found.append(proc)
+        return found
 
     def stop(self) -> list[str]:
-        """Terminate, then kill, everything this cluster started; return what survived."""
+        """Terminate, then kill, every process carrying this HOME; return what survived."""
         procs = self.processes()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for proc in procs:
@@ -114,27 +109,123 @@ class CliCluster:
         return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in procs if p.is_running()]
 
 
-@pytest.fixture
-def cli_cluster(no_shared_cluster: None) -> Iterator[CliCluster]:
+@pytest.fixture(scope="module")
+def readme_head(clusters) -> Iterator[ReadmeMachine]:
+    """The README's path up to (not including) `ray job submit`: quickstart in a fresh HOME, then the head."""
+    clusters.close_shared()
     root = Path(tempfile.mkdtemp(prefix="rejs", dir="/tmp"))  # short: Ray's socket paths must fit
-    cluster = CliCluster(root)
+    machine = ReadmeMachine(root)
     try:
-        yield cluster
+        # RAY_ADDRESS=local: a fresh local Ray, as on the reader's machine, not whichever cluster another
+        # test on this shared machine started last (ray.init() joins that one otherwise).
+        quick = machine.shell("python examples/quickstart.py", timeout_s=240,
+                              env=dict(machine.env, RAY_ADDRESS="local"))
+        assert quick.returncode == 0, (quick.stdout + quick.stderr)[-4000:]
+        assert (machine.home / ".ray" / "auth_token").is_file(), "the quickstart's ray.init() writes the token"
+        setup = [c for c in machine.commands if not c.startswith("ray job submit")]
+        head = machine.shell("\n".join(machine.isolate(c) for c in setup), timeout_s=180)
+        assert head.returncode == 0, (head.stdout + head.stderr)[-4000:]
+        yield machine
     finally:
-        survivors = cluster.stop()
+        survivors = machine.stop()
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"Ray processes left behind: {survivors}"
 
 
-def test_quickstart_runs_under_ray_job_submit(cli_cluster):
-    cli_cluster.start(worker_cpus=(2,))
-    job = subprocess.run(
-        [RAY, "job", "submit", "--address", cli_cluster.dashboard_url, "--working-dir", str(REPO / "examples"),
-         "--", "python", "quickstart.py"],
-        env=cli_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=240,
-    )
+def test_readme_job_submit_works_as_written_after_the_quickstart(readme_head, no_shared_cluster):
+    commands = readme_head.commands
+    assert any(c.startswith("ray start --head") for c in commands), commands
+    submit = [c for c in commands if c.startswith("ray job submit")]
+    assert len(submit) == 1, commands
+    # Every `export` of the section holds in the shell that submits, as it would in the reader's.
+    exports = [c for c in commands if c.startswith("export ")]
+    job = readme_head.shell("\n".join([*exports, readme_head.isolate(submit[0])]), timeout_s=240)
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-6000:]
     assert "final loss" in logs and "after 40 steps" in logs and "restarts spent: 1" in logs, logs[-6000:]
     assert "[ray_elastic] run finished after 1 restart(s)" in logs, "progress shows as plain lines in the job's logs"
-    assert "succeeded" in logs.lower(), logs[-6000:]
+
+
+def test_readme_token_command_makes_a_token_where_there_is_none(tmp_path):
+    """The section's first command is what makes the rest work on a machine that never ran Ray."""
+    first = readme_commands("ray job submit")[0]
+    assert first.startswith("ray get-auth-token --generate"), first
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    made = subprocess.run(["bash", "-c", first], env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    token = (tmp_path / ".ray" / "auth_token").read_text()
+    again = subprocess.run(["bash", "-c", first], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and (tmp_path / ".ray" / "auth_token").read_text() == token, "kept, not replaced"
+
+
+_RUN = textwrap.dedent(
+    """
+    import sys, time
+    import ray_elastic
+    from ray_elastic.errors import ConfigError
+
+    def train_fn():
+        return ray_elastic.get_context().world_size
+
+    started = time.monotonic()
+    try:
+        result = ray_elastic.run(train_fn, ray_address=sys.argv[1], progress="none", warmup_modules=())
+    except ConfigError as exc:
+        print(f"CONFIG_ERROR after {time.monotonic() - started:.1f}s: {exc}")
+        sys.exit(3)
+    print("RAN", result.return_values)
+    """
+)
+
+
+def _client_env(machine: ReadmeMachine, **auth: str) -> dict[str, str]:
+    env = dict(machine.env, HOME=str(machine.root / "client"), **auth)  # a client machine: no ~/.ray of its own
+    (machine.root / "client").mkdir(exist_ok=True)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        ({}, "requires token authentication, and this process sends no token"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}, "rejected the token read from the RAY_AUTH_TOKEN"),
+    ],
+    ids=["no-token", "wrong-token"],
+)
+def test_run_against_a_token_head_without_the_token_is_a_config_error(readme_head, no_shared_cluster, auth,
+                                                                       expected):
+    env = _client_env(readme_head, **auth)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _RUN, readme_head.gcs_address], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3 and "CONFIG_ERROR" in proc.stdout, out[-3000:]
+    assert expected in proc.stdout and "RAY_AUTH_MODE=token" in proc.stdout, proc.stdout
+    assert "ray get-auth-token" in proc.stdout, "says where the right token comes from"
+    assert time.monotonic() - started < 60, "before Ray's 20 s of retries, and before anything starts"
+    assert "ray.exceptions" not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_cli_against_a_token_head_needs_the_token_and_runs_with_it(readme_head, no_shared_cluster, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        t = torch.ones(1); dist.all_reduce(t)
+        print(f"SUM {t.item()} WORLD {dist.get_world_size()}")
+        dist.destroy_process_group()
+        """
+    ))
+    cli = [str(BIN / "ray-elastic"), "run", "--address", readme_head.gcs_address, "--nproc-per-node=1", str(script)]
+    refused = subprocess.run(cli, env=_client_env(readme_head), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-3000:]
+    assert "requires token authentication" in refused.stderr and "RAY_AUTH_MODE=token" in refused.stderr
+    token = (readme_head.home / ".ray" / "auth_token").read_text()
+    ran = subprocess.run(cli, env=_client_env(readme_head, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    logs = ran.stdout + ran.stderr
+    assert ran.returncode == 0, logs[-6000:]
+    assert "SUM 1.0 WORLD 1" in logs and "succeeded" in logs, logs[-6000:]

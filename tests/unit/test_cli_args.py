@@ -29,7 +29,7 @@ def script(tmp_path: Path) -> Path:
 
 
 def plan(*argv: str):
-    return plan_launch(build_parser().parse_args(["run", *argv]))
+    return plan_launch(build_parser({}).parse_args(["run", *argv]), {})
 
 
 @pytest.mark.parametrize("text, expected", [("2", (2, 2)), ("1:4", (1, 4)), ("3:3", (3, 3))])
@@ -75,7 +75,7 @@ def test_log_dir_is_created_and_absolute(script, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--nproc-per-node=0"], "--nproc-per-node=0 must be >= 1"),
-    (["--nproc-per-node=gpu"], "must be an integer"),
+    (["--nproc-per-node=many"], "must be a number, or auto, cpu, gpu or xpu"),
     (["--max-restarts=-2"], "--max-restarts=-2 must be >= -1"),
     (["--standalone", "--nnodes=2"], "--standalone runs one node"),
     (["--standalone", "--address=auto"], "drop --address"),

@@ -60,7 +60,7 @@ def test_a_rank_sitting_out_a_round_rejoins_holding_a_different_commit_with_the_
     Round 2: a and c both hold a third commit, of different runs of training: one must receive the other's
     (issue 18.5), and every rank must leave State() identical."""
     plans = {"a": {0: (0, 2), 2: (0, 2)}, "b": {0: (1, 2)}, "c": {1: (0, 1), 2: (1, 2)}}
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
     queue = context.Queue()
     procs = [context.Process(target=_member, args=(name, plan, str(tmp_path), queue)) for name, plan in plans.items()]
     for proc in procs:

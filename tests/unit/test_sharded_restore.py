@@ -223,7 +223,7 @@ def _kill_proc(proc: int, port: int, tmp: str) -> None:
         if proc not in members:
             return
         rank, world = members.index(proc), len(members)
-        group = GroupHandle("gloo", dist.PrefixStore(name, tcp), port, rank, world, 60.0)
+        group = GroupHandle("gloo", dist.PrefixStore(name, tcp), rank, world, 60.0)
         model, opt = _build()
         items = inspect_items({"model": model, "optimizer": opt})
         restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"))

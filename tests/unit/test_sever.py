@@ -1,0 +1,127 @@
+"""Severing a gloo group shuts down gloo's connections and nothing else (no Ray: two real processes).
+
+Rank 0 opens a connection of its own from another thread while `init_process_group`
+is still waiting for rank 1. A sever must leave that connection alone, and still
+make rank 1's blocked collective fail at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import queue
+import socket
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _echo_server() -> tuple[socket.socket, threading.Thread]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(1024):
+            conn.sendall(data)
+
+
+def _rank(rank: int, store_port: int, echo_port: int, out: mp.Queue) -> None:
+    import torch
+
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    prefixed = dist.PrefixStore("secret/round0", store)
+    result: dict = {"rank": rank}
+    if rank == 1:
+        time.sleep(1.5)  # rank 0 waits inside init_process_group meanwhile
+        group = GroupHandle("gloo", prefixed, rank, 2, 30.0)
+        store.set("rank1_formed", "1")
+        started = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1))  # rank 0 never joins it: only a sever can end it early
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            result["error"] = str(exc)[:200]
+        result["blocked_s"] = time.monotonic() - started
+        group.destroy()
+        out.put(result)
+        return
+    user: dict = {}
+
+    def open_during_init() -> None:
+        time.sleep(0.5)
+        conn = socket.create_connection(("127.0.0.1", echo_port))
+        user["conn"], user["at"] = conn, time.monotonic()
+
+    opener = threading.Thread(target=open_during_init)
+    opener.start()
+    init_started = time.monotonic()
+    group = GroupHandle("gloo", prefixed, rank, 2, 30.0)
+    init_done = time.monotonic()
+    opener.join()
+    result["user_conn_opened_during_init"] = init_started < user["at"] < init_done
+    store.wait(["rank1_formed"])
+    time.sleep(0.5)  # rank 1 is blocked in its all_reduce now
+    result["severed"] = group.sever()
+    conn = user["conn"]
+    try:
+        conn.settimeout(5)
+        conn.sendall(b"still here")
+        result["user_conn_echo"] = conn.recv(1024).decode()
+    except OSError as exc:
+        result["user_conn_echo"] = f"broken: {exc}"
+    conn.close()
+    group.destroy()
+    out.put(result)
+
+
+def test_sever_shuts_gloo_connections_but_not_a_user_connection_opened_during_init():
+    server, _ = _echo_server()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, store.port, server.getsockname()[1], out)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            try:
+                got = out.get(timeout=0.5)
+                results[got["rank"]] = got
+            except queue.Empty:
+                crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not crashed, f"a rank process crashed (exit codes {crashed}); see its stderr above"
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        server.close()
+    rank0, rank1 = results[0], results[1]
+    assert rank0["user_conn_opened_during_init"], "the user connection must appear inside init_process_group"
+    assert rank0["user_conn_echo"] == "still here", f"a sever shut down a connection gloo does not own: {rank0}"
+    assert rank0["severed"] >= 1, rank0
+    assert rank1["error"] is not None and rank1["blocked_s"] < 10, f"the blocked collective must fail at once: {rank1}"
