@@ -18,25 +18,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from ray_elastic.errors import ConfigError
-from ray_elastic.sharded.layout import LeafSpec, local_shape
-
-
-@dataclass(frozen=True)
-class LeafRef:
-    """Stands for sharded leaf `index` inside a skeleton."""
-
-    index: int
-
-
-@dataclass(frozen=True)
-class EmptyOptimizer:
-    """An optimizer that has not stepped yet: only its hyperparameters are kept.
-
-    (`get_optimizer_state_dict` would initialise its state with a zero-gradient step,
-    which changes what the first real step does, e.g. Adam's bias correction.)
-    """
-
-    param_groups: tuple[dict[str, Any], ...]
+from ray_elastic.sharded.layout import EmptyOptimizer, LeafRef, LeafSpec, local_shape
 
 
 @dataclass

@@ -41,13 +41,15 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.tensor import DTensor, Shard
 
 from ray_elastic.checkpoint import MANIFEST, TMP_PREFIX, _commit_id_of, _fsync_dir, _remove_tree, checkpoint_dir_name
+from ray_elastic.checkpoint_checks import SHARDED_STATE_FILE as REST_FILE
+from ray_elastic.checkpoint_checks import load_weights_only, manifest_mismatch
+from ray_elastic.safepath import open_new, read_bytes
 from ray_elastic.sharded.capture import _contiguous_stride
-from ray_elastic.sharded.layout import FlatLayout, LeafSpec, leaf_view, local_shape
+from ray_elastic.sharded.layout import SAFE_TYPES, FlatLayout, LeafSpec, leaf_view, local_shape
 
 logger = logging.getLogger("ray_elastic")
 
 KIND = "sharded"
-REST_FILE = "rest.pt"
 DCP_METADATA = ".metadata"
 
 
@@ -109,8 +111,10 @@ class ShardedCheckpoints:
         part_timeout_s: how long rank 0 waits for the other ranks' parts before giving up on one.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], every: int = 1, keep: int = 2, part_timeout_s: float = 600.0):
+    def __init__(self, run_dir: str | os.PathLike[str], every: int = 1, keep: int = 2, part_timeout_s: float = 600.0,
+                 safe_globals: tuple = ()):
         self.run_dir = Path(run_dir)
+        self.safe_globals = tuple(safe_globals)  # types the driver allowed for weights_only loading
         self.every = every
         self.keep = keep
         self.part_timeout_s = part_timeout_s
@@ -176,7 +180,7 @@ class ShardedCheckpoints:
                 tensors[spec.key] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
                                                        shape=torch.Size(spec.shape),
                                                        stride=_contiguous_stride(spec.shape))
-            tmp.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.save(tensors, storage_writer=_RankWriter(tmp, rank), no_dist=True)
@@ -206,11 +210,9 @@ class ShardedCheckpoints:
         os.replace(tmp, final)
         _fsync_dir(self.run_dir)
         files = {}
-        for path in sorted(final.iterdir()):
-            entry: dict[str, Any] = {"size": path.stat().st_size}
-            if path.name in (REST_FILE, DCP_METADATA):
-                entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-            files[path.name] = entry
+        for path in sorted(final.iterdir()):  # every file's size and sha256, as replicated checkpoints have
+            data = read_bytes(path)
+            files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         step = rest.get("step")
         manifest = {"format": 1, "kind": KIND, "commit_id": commit_id, "world_size": world, "time": time.time(),
                     "step": step if isinstance(step, (int, float)) else None, "files": files}
@@ -248,22 +250,21 @@ class ShardedCheckpoints:
         return out
 
     def newest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint whose small files match their checksums."""
+        """The newest complete checkpoint whose files all match their manifest's sizes and sha256."""
         for path, manifest in reversed(self.complete()):
-            try:
-                ok = all(hashlib.sha256((path / name).read_bytes()).hexdigest() == entry["sha256"]
-                         for name, entry in manifest["files"].items() if "sha256" in entry)
-            except OSError:
-                ok = False
-            if ok:
+            problem = manifest_mismatch(path, manifest["commit_id"])
+            if problem is None:
                 return path, manifest
-            logger.warning("sharded checkpoint %s does not match its manifest; trying an older one", path)
+            logger.warning("sharded checkpoint %s does not match its manifest (%s); trying an older one", path, problem)
         return None
 
-    @staticmethod
-    def read_rest(path: Path) -> dict[str, Any]:
-        """The replicated part of a checkpoint: commit_id, world, specs, items (skeletons), attrs, step."""
-        return torch.load(path / REST_FILE, map_location="cpu", weights_only=False)
+    def read_rest(self, path: Path) -> dict[str, Any]:
+        """The replicated part of a checkpoint: commit_id, world, specs, items (skeletons), attrs, step.
+
+        Loaded with torch.load(weights_only=True): plain values, ray_elastic's own dataclasses, and the
+        types the driver allowed (see `ray_elastic.checkpoint`).
+        """
+        return load_weights_only(read_bytes(path / REST_FILE), path, (*self.safe_globals, *SAFE_TYPES))
 
     def load(self, path: Path, rest: dict[str, Any], world: int, rank: int) -> list[torch.Tensor]:
         """Read `path`'s shards resharded to this world: this rank's local shards. A collective (dcp.load)."""
@@ -289,7 +290,7 @@ def _torch_bytes(value: Any) -> bytes:
 
 def _write_synced(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as file:
+    with open_new(tmp) as file:  # owner-only, never through a link
         file.write(data)
         file.flush()
         os.fsync(file.fileno())

@@ -34,7 +34,8 @@ def checkpoints_of(store: ShardStore, checkpointer: Any) -> ShardedCheckpoints |
         return None
     existing = getattr(store, "checkpoints", None)
     if existing is None or existing.run_dir != checkpointer.run_dir:
-        existing = ShardedCheckpoints(checkpointer.run_dir, checkpointer.every, checkpointer.keep)
+        existing = ShardedCheckpoints(checkpointer.run_dir, checkpointer.every, checkpointer.keep,
+                                      safe_globals=getattr(checkpointer, "safe_globals", ()))
         store.checkpoints = existing  # type: ignore[attr-defined]
         store.set_busy(existing.busy)
     return existing

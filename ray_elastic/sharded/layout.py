@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,27 @@ class LeafSpec:
             if i != self.dim:
                 n *= s
         return n
+
+
+@dataclass(frozen=True)
+class LeafRef:
+    """Stands for sharded leaf `index` inside a skeleton."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class EmptyOptimizer:
+    """An optimizer that has not stepped yet: only its hyperparameters are kept.
+
+    (`get_optimizer_state_dict` would initialise its state with a zero-gradient step,
+    which changes what the first real step does, e.g. Adam's bias correction.)
+    """
+
+    param_groups: tuple[dict[str, Any], ...]
+
+
+SAFE_TYPES = (LeafSpec, LeafRef, EmptyOptimizer)  # what a sharded checkpoint's rest.pt may hold besides plain values
 
 
 def chunk_range(size: int, world: int, rank: int) -> tuple[int, int]:

@@ -49,9 +49,11 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
                         min_nodes=3, max_nodes=4, max_restarts=1)
     formed = run.wait_for("round_formed", world_size=4, timeout_s=120)  # at start, or once the 4th node is ready
     trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 2, alive=run.alive)
+    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 4
+                       and e["data"]["cause"] == "scale-up")  # the run may have started at 3 and grown once
     request_fault(str(triggers), "kill", 2)  # fires at its next check: right after a commit returned
     shrunk = run.wait_for("round_formed", world_size=3, cause="restart")
-    grown = run.wait_for("round_formed", world_size=4, cause="scale-up", timeout_s=120)
+    grown = run.wait_for("round_formed", count=grown_before + 1, world_size=4, cause="scale-up", timeout_s=120)
     steps = trace.stop_at(trace.commits()[-1].step + 8)
     result = run.join()
     kill = trace.fired()[0]
