@@ -158,6 +158,8 @@ def run(
     init_process_group: bool = True,
     warmup_modules: Sequence[str] = ("torch._dynamo",),
     snapshot: str = "auto",
+    shard_replicas: int = 1,
+    shard_replica_every: int = 1,
     store_port: int = 0,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
@@ -197,6 +199,11 @@ def run(
             commit cost for them); needs commit() after every optimizer.step() with no collective
             in between (checked), and loses the commit (SnapshotLostError) if train_fn raises
             between optimizer.step() and commit() on every rank at once.
+        shard_replicas: for sharded (FSDP2) state, how many other ranks (on other nodes first) keep a
+            copy of each rank's committed shards, so that losing a rank costs no committed step
+            (0: none; a lost shard then comes from storage). Ignored for replicated (DDP) state.
+        shard_replica_every: refresh those copies at every N-th commit (and at every commit where the
+            world changes); after a failure at most N-1 committed steps are redone.
         store_port: port of every round's store (MASTER_PORT) on the coordinator's node, for
             scripts that name it (the CLI's --master-port); 0 (default) picks a free port each round.
 
@@ -236,6 +243,8 @@ def run(
             # a bare string is kept as is, so that validate() rejects it instead of splitting it into letters
             warmup_modules=warmup_modules if isinstance(warmup_modules, str) else tuple(warmup_modules),  # type: ignore[arg-type]
             snapshot=snapshot,
+            shard_replicas=shard_replicas,
+            shard_replica_every=shard_replica_every,
             store_port=store_port,
         )
     )

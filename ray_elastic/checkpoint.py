@@ -21,9 +21,9 @@ unpickled only after its sha256 matches the manifest, and then only with
 checkpoint before any actor starts (`verify_newest`).
 
 Only rank 0 writes: under data parallelism the committed state is replicated.
-State that is sharded across ranks (FSDP, tensor parallel) needs every rank to
-write its shard; `torch.distributed.checkpoint` (``dcp.save``/``dcp.load`` of a
-sharded state dict) is the route for that and is not wired in here.
+State that is sharded across ranks (FSDP2) is written by every rank with
+`torch.distributed.checkpoint`, in the same run directory and under the same
+manifest rule: see `ray_elastic.sharded.durable` (manifests with "kind": "sharded").
 
 `storage_path` must be visible at the same path from every node (a shared
 filesystem), since any rank may become rank 0 and every rank may load.
@@ -54,6 +54,7 @@ from ray_elastic.checkpoint_checks import (  # noqa: F401 - MANIFEST, STATE_FILE
     driver_safe_globals,
     load_weights_only,
     manifest_mismatch,
+    state_file_of,
     unsafe_globals,
 )
 from ray_elastic.config import RunConfig
@@ -217,7 +218,13 @@ class Checkpointer:
                 f"was written (corruption, or someone else wrote there), so it is not loaded. Inspect it, then "
                 f"move it out of {self.run_dir} to resume from the previous checkpoint."
             )
-        unsafe = unsafe_globals(path / STATE_FILE, self.safe_globals)
+        manifest = json.loads(read_bytes(path / MANIFEST))
+        allowed = self.safe_globals
+        if manifest.get("kind") == "sharded":  # its replicated part holds ray_elastic's own plain dataclasses
+            from ray_elastic.sharded.layout import SAFE_TYPES
+
+            allowed = (*allowed, *SAFE_TYPES)
+        unsafe = unsafe_globals(path / state_file_of(manifest), allowed)
         if unsafe:
             raise ConfigError(
                 f"resume=True: checkpoint {path} holds objects that torch.load(weights_only=True) refuses: "
@@ -262,6 +269,9 @@ class Checkpointer:
         for path in reversed(self.complete_checkpoints()):
             manifest = self._read_manifest(path)
             if manifest is None:
+                continue
+            if manifest.get("kind") == "sharded":  # written by ray_elastic.sharded.durable; loaded there
+                logger.warning("checkpoint %s holds sharded (FSDP2) state; skipped for replicated state", path)
                 continue
             try:
                 data = read_bytes(path / STATE_FILE)

@@ -26,6 +26,14 @@ from ray_elastic.safepath import is_link, read_bytes
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.pt"
 _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# torch.distributed.checkpoint's own names, in sharded checkpoints (ray_elastic.sharded.durable)
+_DCP_FILE = re.compile(r"^(\.metadata|__\d+(_\d+)?\.(distcp|metadata))$")
+SHARDED_STATE_FILE = "rest.pt"  # the replicated part of a sharded checkpoint
+
+
+def state_file_of(manifest: dict[str, Any]) -> str:
+    """The file a checkpoint's unpickled state lives in: state.pt, or rest.pt for sharded (FSDP2) state."""
+    return SHARDED_STATE_FILE if manifest.get("kind") == "sharded" else STATE_FILE
 
 
 def driver_safe_globals() -> tuple:
@@ -76,10 +84,13 @@ def manifest_mismatch(path: Path, commit_id: int) -> str | None:
     if not isinstance(manifest, dict) or manifest.get("commit_id") != commit_id:
         return f"the manifest names commit {manifest.get('commit_id') if isinstance(manifest, dict) else None}"
     files = manifest.get("files")
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        return f"the manifest lists no {STATE_FILE}"
+    state_file = state_file_of(manifest)
+    if not isinstance(files, dict) or state_file not in files:
+        return f"the manifest lists no {state_file}"
+    sharded = manifest.get("kind") == "sharded"
     for file_name, entry in files.items():
-        if not _CHECKPOINT_FILE.match(str(file_name)) or not isinstance(entry, dict):
+        allowed = _CHECKPOINT_FILE.match(str(file_name)) or (sharded and _DCP_FILE.match(str(file_name)))
+        if not allowed or not isinstance(entry, dict):
             return f"the manifest lists {file_name!r}"
         try:
             data = read_bytes(path / file_name)

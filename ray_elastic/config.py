@@ -54,6 +54,9 @@ class RunConfig:
     init_process_group: bool = True
     warmup_modules: tuple[str, ...] = ("torch._dynamo",)
     snapshot: str = "auto"
+    # Sharded (FSDP2) state: copies of each rank's committed shards on other nodes, refreshed every N commits.
+    shard_replicas: int = 1
+    shard_replica_every: int = 1
     # Port of every round's store on the coordinator's node (the CLI's --master-port); 0: a free one.
     store_port: int = 0
 
@@ -181,6 +184,8 @@ def validate(config: RunConfig) -> RunConfig:
             f"everything at each commit) or 'live' (keep optimizer-owned tensors by reference; commit right "
             f"after optimizer.step()), got {config.snapshot!r}."
         )
+    _require_int("shard_replicas", config.shard_replicas, 0)
+    _require_int("shard_replica_every", config.shard_replica_every, 1)
     _require_int("store_port", config.store_port, 0)
     if config.store_port > 65535:
         raise ConfigError(f"store_port must be a TCP port (0-65535, 0 for a free one), got {config.store_port}.")

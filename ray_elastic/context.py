@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ray_elastic.snapshot import SnapshotHolder
 
 
+WORKER_EVENT = "__ray_elastic_event__"  # key of a report that carries an event (`Session.add_event`)
+
+
 @dataclass(frozen=True)
 class TrainContext:
     """The caller's place in the current round (see DESIGN.md, section 2)."""
@@ -63,6 +66,7 @@ class Session:
         self.subprocess_pids: list[int] = []
         # (work, flag) of the stop-flag all-reduce the last commit started (see State.commit).
         self.pending_agreement: tuple[Any, Any] | None = None
+        self._on_return: list[Callable[[], None]] = []  # run when train_fn returns (see `train_fn_returned`)
 
     def add_interrupt_handler(self, handler: Callable[[str], None]) -> None:
         """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
@@ -84,6 +88,19 @@ class Session:
         work, flag = pending
         work.wait()
         return bool(flag.item())
+
+    def on_train_fn_return(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when train_fn returns, before the round ends (to finish background work)."""
+        self._on_return.append(callback)
+
+    def train_fn_returned(self) -> None:
+        for callback in list(self._on_return):
+            callback()
+
+    def add_event(self, kind: str, message: str, **data: Any) -> None:
+        """Have the coordinator log an event of this rank (it travels with the reports, not as a metric)."""
+        with self._lock:
+            self.reports.append((time.time(), {WORKER_EVENT: {"kind": kind, "message": message, "data": data}}))
 
     def mark_progress(self) -> None:
         self.progress_count += 1

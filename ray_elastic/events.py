@@ -23,7 +23,8 @@ class Event:
     deadline (epoch seconds or None) and path: "commit" (left at the next
     commit), "crash" (too close to the deadline: dropped as a crash),
     "withdrawn", or "handover" (a drained worker handed the last commit to
-    the next round: `to`, `ok`)).
+    the next round: `to`, `ok`)); and, sent by a worker, restored_from_storage
+    (sharded state whose shards and replicas were lost).
     """
 
     kind: str

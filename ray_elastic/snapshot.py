@@ -113,7 +113,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class SnapshotHolder:
     """This process's last committed snapshot; outlives rounds (train_fn re-entries)."""
 
-    def __init__(self, mode: str = "copy") -> None:
+    def __init__(self, mode: str = "copy", shard_replicas: int = 1, shard_replica_every: int = 1) -> None:
         if mode not in SNAPSHOT_MODES:
             raise ConfigError(f"snapshot must be one of {SNAPSHOT_MODES}, got {mode!r}.")
         self.mode = mode
@@ -129,6 +129,10 @@ class SnapshotHolder:
         self._dirty = False  # a watched optimizer stepped since the commit
         self._lost = False  # the round ended with the live tensors moved past the commit
         self.shape = LoopShape(mode, on_step=self._optimizer_stepping)
+        # Sharded (FSDP2) state is held apart, by `ray_elastic.sharded.store.ShardStore` (created on first use).
+        self.shard_replicas = shard_replicas
+        self.shard_replica_every = shard_replica_every
+        self.shards: Any = None
 
     # -- what is held -----------------------------------------------------------------------------
     def held_commit_id(self) -> int:

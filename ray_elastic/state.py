@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,25 @@ def broadcast_payload(payload: dict[str, Any] | None, src: int, device: torch.de
     return _join_tensors(skeleton, [t for t in received if t is not None])
 
 
+def _sharded_session(session: Session, stateful: dict[str, Any]) -> Any:
+    """A `ShardedSession` when an item is an FSDP2 module (see ray_elastic.sharded), else None.
+
+    Raises:
+        ConfigError: sharded items that cannot work (an FSDP1 module, an optimizer not built
+            from the sharded parameters, a 2-D mesh).
+    """
+    if not any(name in sys.modules for name in ("torch.distributed.fsdp", "torch.distributed.tensor")):
+        return None  # nothing sharded can exist: no cost for replicated state
+    from ray_elastic.sharded.capture import inspect_items
+
+    items = inspect_items(stateful)
+    if items is None:
+        return None
+    from ray_elastic.sharded.glue import ShardedSession
+
+    return ShardedSession(session, items)
+
+
 def _is_stateful(value: Any) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
@@ -127,6 +147,10 @@ class State:
         object.__setattr__(self, "_callbacks", [])
         object.__setattr__(self, "restored_from", "fresh")
         object.__setattr__(self, "world_changed", False)
+        object.__setattr__(self, "_sharded", _sharded_session(self._session, self._stateful))
+        if self._sharded is not None:  # FSDP2 state: its own snapshots, replicas and restore (ray_elastic.sharded)
+            self._restore_sharded()
+            return
         holder = self._session.snapshots
         for obj in self._stateful.values():
             if isinstance(obj, torch.optim.Optimizer):
@@ -153,6 +177,8 @@ class State:
 
     @property
     def commit_id(self) -> int:
+        if self._sharded is not None:
+            return self._sharded.store.commit_id
         return self._session.snapshots.commit_id
 
     # -- commit ------------------------------------------------------------------------------------
@@ -167,6 +193,9 @@ class State:
                 the worker catches it, re-forms, and calls train_fn again.
         """
         session: Session = self._session
+        if self._sharded is not None:
+            self._commit_sharded()
+            return
         holder = session.snapshots
         # The local half first: a peer lost after its backward all-reduce lets every survivor get
         # here, and each then holds this step even though the agreement below fails.
@@ -279,6 +308,24 @@ class State:
         if self.restored_from == "fresh":
             object.__setattr__(self, "restored_from", "memory")
         object.__setattr__(self, "world_changed", holder.world_size != self.context.world_size)
+
+    # -- sharded state (FSDP2) ---------------------------------------------------------------------------
+    def _restore_sharded(self) -> None:
+        restored = self._sharded.enter()
+        if restored.attrs is not None:
+            self._attrs.update(copy.deepcopy(restored.attrs))
+        object.__setattr__(self, "restored_from", restored.source)
+        object.__setattr__(self, "world_changed", restored.commit_id >= 0 and restored.world != self.context.world_size)
+        self._session.on_train_fn_return(self._sharded.finish_writes)
+
+    def _commit_sharded(self) -> None:
+        session: Session = self._session
+        stop = self._sharded.commit(self._attrs)
+        step = self._attrs.get("step")
+        session.last_committed_step = step if isinstance(step, int) else self._sharded.store.commit_id
+        session.mark_progress()
+        if stop:
+            raise MembershipChange()
 
     def _fresh_payload(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_elastic.config import RunConfig
+from ray_elastic.context import WORKER_EVENT
 from ray_elastic.coordinator import drain, policy
 from ray_elastic.coordinator.drain_steps import DrainSteps
 from ray_elastic.coordinator.group import WorkerGroup
@@ -323,7 +324,13 @@ class Controller(DrainSteps, SilenceMixin):
         )
 
     def _record_reports(self, plan: RoundPlan, worker_id: str, reports: list[tuple[float, dict[str, Any]]]) -> None:
-        """Keep rank 0's reports: the latest as `metrics`, all of them as history."""
+        """Keep rank 0's reports: the latest as `metrics`, all of them as history; events of any rank as events."""
+        if any(WORKER_EVENT in metrics for _, metrics in reports):
+            for _, metrics in reports:
+                if WORKER_EVENT in metrics:
+                    note = metrics[WORKER_EVENT]
+                    self._emit(note["kind"], note["message"], worker_id=worker_id, **note.get("data", {}))
+            reports = [(stamp, metrics) for stamp, metrics in reports if WORKER_EVENT not in metrics]
         if not reports or worker_id != plan.groups[0].workers[0]:
             return
         if self.exporter is not None:

@@ -92,7 +92,7 @@ class ElasticWorker:
         self.worker_id = worker_id
         self.node_id = node_id
         self.checkpointer = checkpointer
-        self.snapshots = SnapshotHolder(config.snapshot)
+        self.snapshots = SnapshotHolder(config.snapshot, config.shard_replicas, config.shard_replica_every)
         self._lock = threading.Lock()
         self._round_id = -1
         self._group: GroupHandle | None = None
@@ -268,6 +268,7 @@ class ElasticWorker:
                 return self._outcome(spec, OutcomeKind.ABORTED, session=session, message="aborted while forming")
             set_session(session)
             value = self._call_train_fn()
+            session.train_fn_returned()  # background work of the round (a sharded checkpoint write) finishes first
             session.finish_agreement()  # every rank started it at its last commit: let it complete
             return self._outcome(spec, OutcomeKind.DONE, value=value, session=session)
         except MembershipChange:

@@ -1,0 +1,141 @@
+"""Fault matrix rows 19-21 and a resharded resume: FSDP2 state (gloo, CPU) across losses and joins.
+
+Every restore is checked bitwise: rank 0 logs a digest of the gathered (full) model and
+optimizer state right after each commit and right after each restore (`tests.sharded_workload`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import ray_elastic
+from ray_elastic.checkpoint import Checkpointer
+from ray_elastic.testing import FaultInjector
+from ray_elastic.testing.faults import request_fault
+from tests.cluster.background import BackgroundRun
+from tests.faults.matrix import detection_s, ensure_nodes
+from tests.sharded_workload import checkpoint_digest, fsdp_train, read_members, read_restores
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+
+def _check_log(result, steps: int) -> None:
+    for value in result.return_values:
+        assert value["log"] == list(range(1, steps + 1)), "(a) every committed step exactly once, in order"
+        assert value["digest"] == result.return_values[0]["digest"], "(b) every rank ends with the same full state"
+
+
+def _exact(restores: list[dict]) -> None:
+    for restore in restores:
+        assert restore["committed"] is not None, f"restored step {restore['step']} was never committed: {restore}"
+        assert restore["digest"] == restore["committed"], f"restored state differs from its commit: {restore}"
+
+
+def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path):
+    """4 nodes; rank 2 SIGKILLs itself right after a commit returned (the worst moment: that commit's shard
+    of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
+    resharded 4 -> 3 from their shards and rank 2's replica; 0 steps redone. Its replacement then joins
+    (3 -> 4), resharded from memory, the survivors not restarted."""
+    ensure_nodes(cluster, 4)
+    triggers = trace.dir / "triggers"
+    triggers.mkdir()
+    faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
+                                                      "faults": faults},
+                        min_nodes=3, max_nodes=4, max_restarts=1)
+    formed = run.wait_for("round_formed", world_size=4, timeout_s=120)  # at start, or once the 4th node is ready
+    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 2, alive=run.alive)
+    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 4
+                       and e["data"]["cause"] == "scale-up")  # the run may have started at 3 and grown once
+    request_fault(str(triggers), "kill", 2)  # fires at its next check: right after a commit returned
+    shrunk = run.wait_for("round_formed", world_size=3, cause="restart")
+    grown = run.wait_for("round_formed", count=grown_before + 1, world_size=4, cause="scale-up", timeout_s=120)
+    steps = trace.stop_at(trace.commits()[-1].step + 8)
+    result = run.join()
+    kill = trace.fired()[0]
+    first_after = trace.first_commit_after(kill.wall)
+    restores = read_restores(str(trace.dir))
+    figures(19, "FSDP2 rank SIGKILL (4 -> 3)", detection_s=detection_s(result.events, kill.wall),
+            recovery_s=trace.recovery_s(kill.wall), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    figures(21, "FSDP2 rank joins (3 -> 4)", steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    timeline = [(e.kind, round(e.time - kill.wall, 3), e.message) for e in result.events]
+    assert kill.rank == 2 and formed["time"] < kill.wall < shrunk["time"] < grown["time"], timeline
+    assert first_after is not None and first_after.step == kill.step + 1, "the last commit survived: 0 redone"
+    shrink_round, grow_round = shrunk["round_id"], grown["round_id"]
+    assert [(r["round"], r["source"], r["step"]) for r in restores if r["round"] >= shrink_round][:1] == [
+        (shrink_round, "memory", kill.step)], restores
+    assert grow_round in [r["round"] for r in restores], "the scale-up round restored too"
+    _exact(restores)
+    members = read_members(str(trace.dir))
+    assert all(m["source"] == "memory" for m in members if m["round"] == shrink_round), "3 survivors, from memory"
+    newcomers = [m for m in members if m["round"] == grow_round and m["source"] == "peer"]
+    assert len(newcomers) == 1 and newcomers[0]["pid"] != kill.pid, "the replacement received its shards"
+    before = {m["pid"] for m in members if m["round"] == formed["round_id"]} - {kill.pid}
+    assert before <= {v["pid"] for v in result.return_values}, "survivors were never restarted"
+    assert trace.redone() == 0
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(cluster, no_leaks, trace, figures,
+                                                                                tmp_path):
+    """Ranks 1 and 2 (rank 1's shard and its only replica) die at the same step and their nodes go:
+    the 2 survivors load the newest sharded checkpoint, resharded 4 -> 2, and an event says why."""
+    ensure_nodes(cluster, 4)
+    name = f"sharded-row20-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=4, max_restarts=1, storage_path=str(tmp_path / "storage"),
+                        name=name, keep_checkpoints=100)
+    trace.wait_for_step(6, alive=run.alive)
+    first = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == 0}
+    doomed = [n for n in cluster.nodes if cluster.node_id(n) in (first[1]["node_id"], first[2]["node_id"])]
+    assert len(doomed) == 2
+    killed_at = time.time()
+    for rank in (1, 2):  # both workers at once, then their nodes (no replacement can come back there)
+        os.kill(first[rank]["pid"], signal.SIGKILL)
+    for node in doomed:
+        cluster.kill_node(node, graceful=False)
+    event = run.wait_for("restored_from_storage")
+    steps = trace.stop_at(trace.commits()[-1].step + 6)
+    result = run.join()
+    restores = read_restores(str(trace.dir))
+    figures(20, "FSDP2 shard + only replica lost (2 nodes)", detection_s=detection_s(result.events, killed_at),
+            recovery_s=trace.recovery_s(killed_at), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    assert result.restarts == 1 and result.rounds[-1].world_size == 2
+    assert event["data"]["lost_ranks"] == [1], "old rank 1's shard was lost with its replica on old rank 2"
+    assert "rank 1" in event["message"] and "every replica" in event["message"] and "durable checkpoint" in \
+        event["message"]
+    assert [r["source"] for r in restores] == ["storage"]
+    assert restores[0]["step"] == event["data"]["commit_id"] + 1, "the checkpoint named in the event"
+    loaded = tmp_path / "storage" / name / f"checkpoint_{event['data']['commit_id']:09d}"
+    assert restores[0]["digest"] == checkpoint_digest(str(loaded)), "restored exactly the checkpoint's state"
+    assert restores[0]["committed"] in (None, restores[0]["digest"]), "which is that step's commit"
+    assert restores[0]["step"] >= max(c.step for c in trace.commits() if c.wall < killed_at) - 1, (
+        "the checkpoint written in the background was at most one commit behind")
+    assert all(m["source"] == "storage" for m in read_members(str(trace.dir)) if m["round"] == 1)
+    assert trace.redone() <= 2, "only the steps after the newest complete checkpoint (at most 1 behind) are redone"
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_resume_at_a_different_world_size_loads_the_sharded_checkpoint_resharded(cluster, no_leaks, trace, tmp_path):
+    ensure_nodes(cluster, 3)
+    storage, name = str(tmp_path / "storage"), f"sharded-resume-{time.time_ns()}"
+    first = ray_elastic.run(fsdp_train, config={"steps": 5, "trace_dir": str(trace.dir)}, min_nodes=2,
+                            storage_path=storage, name=name, checkpoint_every=1, progress="none")
+    assert [v["world_size"] for v in first.return_values] == [2, 2]
+    newest = Checkpointer(tmp_path / "storage" / name).complete_checkpoints()[-1]
+    assert newest.name == "checkpoint_000000004", "the last commit was written before the run returned"
+    second = ray_elastic.run(fsdp_train, config={"steps": 8, "trace_dir": str(trace.dir)}, min_nodes=3,
+                             storage_path=storage, name=name, resume=True, progress="none")
+    restores = read_restores(str(trace.dir))
+    assert [(r["step"], r["source"]) for r in restores] == [(5, "storage")]
+    _exact(restores)
+    assert [v["world_size"] for v in second.return_values] == [3, 3, 3]
+    assert all(v["restored_from"] == "storage" for v in second.return_values)
+    _check_log(second, 8)
+    no_leaks([*first.worker_pids, *second.worker_pids], ports=trace.ports())

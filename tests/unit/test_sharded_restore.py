@@ -1,0 +1,269 @@
+"""Sharded state restored across worlds with plain torch.distributed (gloo, no Ray): loss, growth, storage.
+
+Five processes play the ranks of one run through phases, each a new process group
+(the same processes, as ray_elastic's survivors are), an FSDP2 MLP with uneven shards
+and Adam:
+
+1. world 4 (procs 0-3) trains and commits; one more step is left uncommitted;
+2. proc 2 is gone: world 3 restores in memory (its shard from a replica), resharded 4 -> 3;
+3. proc 4 joins: world 4 again, the newcomer receives its shards from the survivors;
+4. procs 1 and 3 (old ranks 1 and 2: a shard and its only replica) are gone: world 2
+   falls back to the durable checkpoint, resharded 4 -> 2, and says which shard was lost;
+5. a new run (empty stores, as `resume=True`) at world 3 loads the same checkpoint.
+
+After each restore the gathered (full) model and optimizer state must equal, bitwise,
+the one gathered right after the last commit of the previous phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.timeout(150)
+
+PHASES = [
+    ("p1", [0, 1, 2, 3], "fresh"),
+    ("p2", [0, 1, 3], "memory"),
+    ("p3", [0, 1, 3, 4], "memory"),
+    ("p4", [0, 4], "storage"),
+    ("p5", [0, 2, 4], "storage"),
+]
+STEPS = 2
+
+
+def _build():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+                                torch.nn.Linear(3, 2))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _step(model, opt, seed: int) -> None:
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(seed))
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def _full(model, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+def _bitwise_diff(a, b, path="") -> list[str]:
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in _bitwise_diff(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _bitwise_diff(x, y, f"{path}/{i}")]
+    if isinstance(a, torch.Tensor):
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+            a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+        return [] if same else [f"{path}: tensors differ"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _proc(proc: int, port: int, tmp: str) -> None:
+    from ray_elastic.sharded import comm
+    from ray_elastic.sharded.capture import inspect_items
+    from ray_elastic.sharded.durable import ShardedCheckpoints
+    from ray_elastic.sharded.restore import restore
+    from ray_elastic.sharded.store import ShardStore
+
+    torch.set_num_threads(1)
+    tcp = dist.TCPStore("127.0.0.1", port, is_master=proc == 0, wait_for_workers=False)
+    store = ShardStore(replicas=1)
+    run_dir = Path(tmp) / "run"
+    for round_id, (name, members, _expected) in enumerate(PHASES):
+        if proc not in members:
+            continue
+        if name == "p5":
+            store = ShardStore(replicas=1)  # a new run resuming from storage
+        rank, world = members.index(proc), len(members)
+        dist.init_process_group("gloo", store=dist.PrefixStore(name, tcp), rank=rank, world_size=world)
+        model, opt = _build()
+        items = inspect_items({"model": model, "optimizer": opt})
+        checkpoints = ShardedCheckpoints(run_dir, every=1, keep=2)
+        store.set_busy(checkpoints.busy)
+        restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"), None, checkpoints)
+        summary = comm.all_gather_objects((restored.source, restored.commit_id, restored.lost), None)
+        if round_id:
+            after = _full(model, opt)
+            if rank == 0:
+                before = torch.load(Path(tmp) / f"{PHASES[round_id - 1 if name != 'p5' else 2][0]}.pt",
+                                    weights_only=False)
+                diff = _bitwise_diff(before, after)
+                (Path(tmp) / f"{name}.json").write_text(json.dumps({"summary": summary, "diff": diff}))
+        else:
+            if rank == 0:
+                (Path(tmp) / f"{name}.json").write_text(json.dumps({"summary": summary, "diff": []}))
+        attrs = dict(restored.attrs or {"step": 0})
+        if name in ("p4", "p5"):
+            dist.barrier()
+            dist.destroy_process_group()
+            continue
+        for _ in range(STEPS):
+            attrs["step"] += 1
+            _step(model, opt, seed=100 * attrs["step"] + rank)
+            store.commit(items, attrs, lambda: False)
+            if store.current is not None and store.current.commit_id == store.commit_id:
+                checkpoints.save_async(store.current, round_id, attrs["step"])
+        checkpoints.wait()
+        full = _full(model, opt)
+        if rank == 0:
+            torch.save(full, Path(tmp) / f"{name}.pt")
+        _step(model, opt, seed=999)  # uncommitted work, lost by the next phase
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sharded_state_survives_loss_growth_and_double_loss_resharded(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_proc, args=(_free_port(), str(tmp_path)), nprocs=5, join=True)
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name, _, _ in PHASES}
+    for name, _members, expected in PHASES:
+        summary, diff = results[name]["summary"], results[name]["diff"]
+        assert not diff, f"{name}: the restored full state differs from the last commit: {diff[:5]}"
+        sources = [s for s, _, _ in summary]
+        if name == "p3":
+            assert sources == ["memory", "memory", "memory", "peer"], "the newcomer (rank 3) received its shards"
+        else:
+            assert set(sources) == {expected}, f"{name}: {summary}"
+    assert results["p2"]["summary"][0][1] == STEPS - 1, "restored the last commit of phase 1"
+    assert results["p4"]["summary"][0][2] == [1], "old rank 1's shard and its only replica (old rank 2) were lost"
+    assert results["p5"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
+    checkpoints = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert len(checkpoints) == 2 and all(c.startswith("checkpoint_") for c in checkpoints), checkpoints
+
+
+# -- a rank lost inside a commit ------------------------------------------------------------------------
+def _save_local(tmp: str, commit_id: int, rank: int, world: int, items) -> None:
+    """This rank's local shards of the commit about to be taken, for the parent to assemble the full state."""
+    from ray_elastic.sharded.capture import live_state_dicts, split_trees
+
+    _, specs, shards = split_trees(live_state_dicts(items))
+    torch.save({"specs": specs, "shards": [s.clone() for s in shards], "world": world},
+               Path(tmp) / f"c{commit_id}-r{rank}.pt")
+
+
+def _assembled(tmp: str, commit_id: int) -> dict:
+    parts = sorted(Path(tmp).glob(f"c{commit_id}-r*.pt"), key=lambda p: int(p.stem.split("-r")[1]))
+    loaded = [torch.load(p, weights_only=False) for p in parts]
+    assert len(loaded) == loaded[0]["world"], f"commit {commit_id}: {len(loaded)} parts"
+    specs = loaded[0]["specs"]
+    return {spec.key: torch.cat([part["shards"][i] for part in loaded], dim=spec.dim) for i, spec in enumerate(specs)}
+
+
+KILLS = {  # phase -> (proc that exits, commit at which, where in the commit)
+    "k1": (3, 2, "after_exchange"),
+    "k2": (2, 4, "before_exchange"),
+}
+KILL_PHASES = [("k1", [0, 1, 2, 3]), ("k2", [0, 1, 2]), ("k3", [0, 1])]
+
+
+def _exit_inside_commit(store, commit_id: int, where: str) -> None:
+    """Make this process exit inside commit `commit_id`: before sending its shard, or after (before agreeing)."""
+    from ray_elastic.sharded import comm
+
+    if where == "after_exchange":
+        real = comm.agree
+
+        def agree(*args, **kwargs):
+            if store.commit_id + 1 == commit_id:
+                os._exit(0)
+            return real(*args, **kwargs)
+
+        comm.agree = agree
+        return
+    real_exchange = comm.ReplicaExchange
+
+    class Exchange(real_exchange):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, **kwargs):
+            if store.commit_id + 1 == commit_id:
+                os._exit(0)
+            super().__init__(*args, **kwargs)
+
+    comm.ReplicaExchange = Exchange
+
+
+def _kill_proc(proc: int, port: int, tmp: str) -> None:
+    from ray_elastic.sharded.capture import inspect_items
+    from ray_elastic.sharded.restore import restore
+    from ray_elastic.sharded.store import ShardStore
+    from ray_elastic.worker.process_group import GroupHandle
+
+    torch.set_num_threads(1)
+    tcp = dist.TCPStore("127.0.0.1", port, is_master=False)  # hosted by the test, as the coordinator hosts it
+    store = ShardStore(replicas=1)
+    for name, members in KILL_PHASES:
+        if proc not in members:
+            return
+        rank, world = members.index(proc), len(members)
+        group = GroupHandle("gloo", dist.PrefixStore(name, tcp), rank, world, 60.0)
+        model, opt = _build()
+        items = inspect_items({"model": model, "optimizer": opt})
+        restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"))
+        if restored.commit_id >= 0:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            optim = _full(model, opt)["optim"]["state"]
+            if rank == 0:
+                expected = _assembled(tmp, restored.commit_id)
+                got = {f"model/{k}": v for k, v in full.items()}
+                got.update({f"optimizer/state/{fqn}/{k}": v for fqn, s in optim.items() for k, v in s.items()
+                            if k != "step"})
+                (Path(tmp) / f"{name}.json").write_text(json.dumps({
+                    "commit_id": restored.commit_id, "source": restored.source,
+                    "diff": _bitwise_diff(expected, got)}))
+        attrs = dict(restored.attrs or {"step": 0})
+        victim, kill_commit, where = KILLS.get(name, (-1, -1, ""))
+        if proc == victim:
+            _exit_inside_commit(store, kill_commit, where)
+        try:
+            while True:
+                attrs["step"] += 1
+                _step(model, opt, seed=100 * attrs["step"] + rank)
+                _save_local(tmp, store.commit_id + 1, rank, world, items)
+                store.commit(items, attrs, lambda: False)
+                if name == "k3" and store.commit_id >= 5:
+                    break
+        except Exception:
+            group.sever()  # what the worker does: unblock the peers waiting on this rank
+        group.destroy()
+
+
+def test_a_rank_lost_inside_a_commit_costs_nothing_once_its_shard_left_it(tmp_path):
+    """k1: the rank dies after sending its shard: its holder has it, the commit survives (0 redone).
+    k2: the rank dies before sending: the commit cannot be rebuilt, and the previous one is, everywhere."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_kill_proc, args=(store.port, str(tmp_path)), nprocs=4, join=True)
+    k2 = json.loads((tmp_path / "k2.json").read_text())
+    k3 = json.loads((tmp_path / "k3.json").read_text())
+    assert k2["commit_id"] == 2 and not k2["diff"], k2
+    assert k3["commit_id"] == 3 and not k3["diff"], k3
