@@ -243,7 +243,8 @@ class RayWorkerGroup(WorkerGroup):
         if self.config.bundle.get("GPU"):
             options["num_gpus"] = self.config.bundle["GPU"]
         actor: Any = self._worker_cls.options(**options).remote(
-            self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer
+            self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer,
+            prober_ip=self.store_host,
         )
         slot = _Slot(worker_id, index, actor, actor.ready.remote())
         self._slots[worker_id] = slot

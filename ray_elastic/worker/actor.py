@@ -20,7 +20,7 @@ from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, StackReport, WorkerOutcome
 from ray_elastic.diagnostics import FLIGHT_RECORDER_ENTRIES, collective_state, py_spy_dump, thread_stack
-from ray_elastic.netbind import pin_gloo_interface
+from ray_elastic.netbind import listen_host, pin_gloo_interface
 from ray_elastic.pulse import PulseServer
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
@@ -67,6 +67,7 @@ class ElasticWorker:
         worker_id: stable id of this slot instance.
         node_id: Ray node id this worker runs on.
         checkpointer: optional durable checkpointer (see `checkpoint.py`).
+        prober_ip: node IP of the coordinator, which probes this worker's native pulse.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ElasticWorker:
         worker_id: str,
         node_id: str,
         checkpointer: Any = None,
+        prober_ip: str = "",
     ):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # torch's flight recorder names the collective a stuck rank waits in (see diagnostics.py).
@@ -104,7 +106,8 @@ class ElasticWorker:
         self._busy: tuple[str, float] | None = None  # a long activity of the training thread, and its start
         self._lease = Lease(config.probe_timeout_s,
                             confirm_s=max(2 * config.probe_timeout_s, 4 * config.heartbeat_interval_s))
-        self._pulse = PulseServer(_node_ip())
+        # Probed from the coordinator's node (`prober_ip`, "" when unknown): loopback when that is this machine.
+        self._pulse = PulseServer(listen_host(_node_ip(), [prober_ip]))
 
     # -- control path ------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:

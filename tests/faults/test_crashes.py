@@ -120,7 +120,7 @@ def test_row3_stopped_rank_is_left_behind_as_silent_and_a_woken_one_cannot_rejoi
     is woken (SIGCONT) as soon as the round is aborted and must only come back through a new round; the
     second stays stopped and is killed."""
     ensure_nodes(cluster, 4)
-    steps, hang_timeout_s, probe_timeout_s = 30, 5.0, 2.0
+    steps, hang_timeout_s, probe_timeout_s = 30, 8.0, 2.0
     faults = (FaultInjector(log_path=trace.faults_log).hang_at(rank=1, step=5)
               .hang_at(rank=1, step=12, restart_count=1))
     started = time.monotonic()
@@ -152,7 +152,7 @@ def test_row3_stopped_rank_is_left_behind_as_silent_and_a_woken_one_cannot_rejoi
     assert died_at is not None, "the rank that stayed stopped was killed"
     assert died_at - stopped.wall < probe_timeout_s + 0.5 + 5.0
     assert stopped.pid not in {v["pid"] for v in result.return_values}
-    assert all("lost to silence" in e.data["trigger"] for e in events if e.kind == "worker_lost")
+    assert all(" silent: " in e.data["trigger"] for e in events if e.kind == "worker_lost")
     for v in result.return_values:  # the woken worker too, if it survived: it came back only through new rounds
         entered = [round_id for round_id, _, _ in v["restores"]]
         assert entered == sorted(set(entered)), f"pid {v['pid']} entered an old round again: {entered}"

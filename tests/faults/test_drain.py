@@ -274,6 +274,16 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _wait_for_free_cpus(cpus: float, timeout_s: float = 60.0) -> None:
+    """Until the scheduler's view has `cpus` CPUs free (a new node's and a previous run's are not at once)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus:
+        assert time.monotonic() < deadline, f"{cpus} CPUs not free within {timeout_s}s: {ray.available_resources()}"
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def _ray_start_node(address: str, drain_timeout_s: float, cpus: int = 2):
     """A worker node started the way KubeRay starts one: `ray start --block` (the pod's main process).
@@ -327,6 +337,7 @@ def test_row17_cli_pod_deleted_its_scripts_get_sigterm_and_restart_in_the_smalle
     out.mkdir()
     steps, drain_timeout_s = 60, 20
     with _ray_start_node(cluster.address, drain_timeout_s) as (pod, node_id):
+        _wait_for_free_cpus(4)  # both nodes schedulable, so the run starts at world size 4
         argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(script), str(out), str(steps)]
         box: dict = {}
         thread = threading.Thread(target=lambda: box.update(rc=main(argv)), daemon=True)

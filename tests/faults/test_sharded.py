@@ -90,8 +90,9 @@ def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(c
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
                         min_nodes=2, max_nodes=4, max_restarts=1, storage_path=str(tmp_path / "storage"),
                         name=name, keep_checkpoints=100)
-    trace.wait_for_step(6, alive=run.alive)
-    first = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == 0}
+    formed = run.wait_for("round_formed", world_size=4, timeout_s=120)  # at start, or once the 4th node is ready
+    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 3, alive=run.alive)
+    first = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]}
     doomed = [n for n in cluster.nodes if cluster.node_id(n) in (first[1]["node_id"], first[2]["node_id"])]
     assert len(doomed) == 2
     killed_at = time.time()
@@ -102,7 +103,7 @@ def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(c
     event = run.wait_for("restored_from_storage")
     steps = trace.stop_at(trace.commits()[-1].step + 6)
     result = run.join()
-    restores = read_restores(str(trace.dir))
+    restores = [r for r in read_restores(str(trace.dir)) if r["round"] > formed["round_id"]]
     figures(20, "FSDP2 shard + only replica lost (2 nodes)", detection_s=detection_s(result.events, killed_at),
             recovery_s=trace.recovery_s(killed_at), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     assert result.restarts == 1 and result.rounds[-1].world_size == 2
@@ -116,7 +117,7 @@ def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(c
     assert restores[0]["committed"] in (None, restores[0]["digest"]), "which is that step's commit"
     assert restores[0]["step"] >= max(c.step for c in trace.commits() if c.wall < killed_at) - 1, (
         "the checkpoint written in the background was at most one commit behind")
-    assert all(m["source"] == "storage" for m in read_members(str(trace.dir)) if m["round"] == 1)
+    assert all(m["source"] == "storage" for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"] + 1)
     assert trace.redone() <= 2, "only the steps after the newest complete checkpoint (at most 1 behind) are redone"
     _check_log(result, steps)
     no_leaks(result.worker_pids, ports=trace.ports())
