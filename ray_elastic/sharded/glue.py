@@ -123,21 +123,7 @@ def _new_gloo_group() -> tuple[Any, tuple[set[Any], set[Any]]]:
 
 def _sever(reason: str, addresses: tuple[set[Any], set[Any]]) -> None:
     """On an abort, shut down the host group's connections so a rank blocked in it raises at once."""
-    import socket
+    from ray_elastic.worker.process_group import shutdown_gloo_connections
 
-    from ray_elastic.worker.process_group import _norm, gloo_connections
-
-    if reason != "abort":
-        return
-    for conn in gloo_connections(*addresses):
-        try:
-            sock = socket.socket(fileno=conn.fd)
-        except OSError:
-            continue
-        try:
-            if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.detach()
+    if reason == "abort":
+        shutdown_gloo_connections(*addresses)

@@ -93,6 +93,29 @@ def gloo_connections(own: set[Address], peers: set[Address]) -> list[_Conn]:
     return out
 
 
+def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
+    """Shut down (not close: gloo still owns the descriptors) every gloo connection of this process.
+
+    A rank blocked in a collective on one of them raises at once. Arguments as for
+    `gloo_connections`; returns how many were shut down.
+    """
+    closed = 0
+    for conn in gloo_connections(own, peers):
+        try:
+            sock = socket.socket(fileno=conn.fd)
+        except OSError:
+            continue
+        try:
+            if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
+                sock.shutdown(socket.SHUT_RDWR)
+                closed += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return closed
+
+
 class GroupHandle:
     """The default process group of one round, with a way to break it from another thread.
 
@@ -156,21 +179,7 @@ class GroupHandle:
                 except Exception:  # noqa: BLE001 - abort is best effort; destroy follows
                     logger.debug("process group abort failed", exc_info=True)
                     return 0
-            closed = 0
-            for conn in gloo_connections(self._own, self._peers):
-                try:
-                    sock = socket.socket(fileno=conn.fd)
-                except OSError:
-                    continue
-                try:
-                    if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
-                        sock.shutdown(socket.SHUT_RDWR)
-                        closed += 1
-                except OSError:
-                    pass
-                finally:
-                    sock.detach()
-            return closed
+            return shutdown_gloo_connections(self._own, self._peers)
 
     def destroy(self) -> None:
         with self._lock:
