@@ -140,3 +140,34 @@ def test_resume_at_a_different_world_size_loads_the_sharded_checkpoint_resharded
     assert all(v["restored_from"] == "storage" for v in second.return_values)
     _check_log(second, 8)
     no_leaks([*first.worker_pids, *second.worker_pids], ports=trace.ports())
+
+
+def test_row17_drained_node_of_a_sharded_run_leaves_its_shards_in_memory(cluster, no_leaks, trace, figures, tmp_path):
+    """FSDP2 on 3 nodes, replicas refreshed only every 50th commit: a preemption drain of rank 1's node is
+    left at a commit, and that commit refreshes the replicas whatever the cadence, so the 2 survivors
+    rebuild its shards from memory (resharded 3 -> 2): 0 steps redone, no restart charged."""
+    ensure_nodes(cluster, 3)
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=3, max_restarts=0, shard_replica_every=50)
+    formed = run.wait_for("round_formed", world_size=3, timeout_s=120)
+    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 3, alive=run.alive)
+    members = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]}
+    [victim] = [n for n in cluster.nodes if cluster.node_id(n) == members[1]["node_id"]]
+    drained_at = time.time()
+    accepted, rejection = cluster.drain_node(victim, deadline_s=60.0, message="spot preemption")
+    assert accepted, rejection
+    left = run.wait_for("scale_down")
+    steps = trace.stop_at(trace.commits()[-1].step + 6)
+    result = run.join()
+    cluster.kill_node(victim, graceful=False)  # its deadline, as the provider would
+    restores = [r for r in read_restores(str(trace.dir)) if r["round"] > formed["round_id"]]
+    figures(17, "FSDP2 node drained (3 -> 2)", recovery_s=trace.recovery_s(drained_at), steps_redone=trace.redone(),
+            restarts=result.restarts, budget=0)
+    assert left["data"]["left"] == [members[1]["node_id"]]
+    assert result.restarts == 0 and result.rounds[-1].world_size == 2
+    assert [r["source"] for r in restores] == ["memory"], restores
+    _exact(restores)
+    assert all(m["source"] == "memory" for m in read_members(str(trace.dir)) if m["round"] > formed["round_id"])
+    assert trace.redone() == 0, "the drained rank's shards of the last commit were in its neighbour's replica"
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())
