@@ -19,7 +19,7 @@ from typing import Any
 
 from ray_elastic.cli_output import ConsoleSink
 from ray_elastic.config import RunConfig
-from ray_elastic.coordinator.controller import Controller, RunSummary
+from ray_elastic.coordinator.controller import Controller, RunSummary, progress_snapshot
 from ray_elastic.coordinator.group import WorkerGroup
 from ray_elastic.coordinator.types import Heartbeat, NodeGroup, OutcomeKind, RoundPlan, RoundSpec, WorkerOutcome
 from ray_elastic.events import EventLog
@@ -165,20 +165,6 @@ class LocalWorkerGroup(WorkerGroup):
         if self.store is not None:
             self.store.close()
             self.store = None
-
-
-def progress_snapshot(controller: Controller, events_from: int) -> dict[str, Any]:
-    """What `progress.LogProgress.update` shows (as the coordinator actor's `progress()` returns it)."""
-    rounds = controller.rounds
-    return {
-        "state": controller.state.name,
-        "round_id": rounds[-1].round_id if rounds else -1,
-        "world_size": rounds[-1].world_size if rounds else 0,
-        "num_nodes": rounds[-1].num_nodes if rounds else 0,
-        "restarts": controller.restarts,
-        "metrics": controller.metrics,
-        "events": controller.events.events[events_from:],
-    }
 
 
 def run_local(config: RunConfig, spec: ScriptSpec, store_host: str, signals: tuple[int, ...], display: Any,

@@ -9,7 +9,7 @@ import ray
 from ray import cloudpickle
 
 from ray_elastic.config import RunConfig
-from ray_elastic.coordinator.controller import Controller, RunSummary
+from ray_elastic.coordinator.controller import Controller, RunSummary, progress_snapshot
 from ray_elastic.coordinator.ray_group import RayWorkerGroup
 from ray_elastic.diagnostics import compare_collectives
 from ray_elastic.events import EventLog
@@ -43,17 +43,7 @@ class Coordinator:
 
     def progress(self, events_from: int = 0) -> dict[str, Any]:
         """A snapshot for progress displays: state, round, size, budget, metrics, new events."""
-        c = self.controller
-        rounds = c.rounds
-        return {
-            "state": c.state.name,
-            "round_id": rounds[-1].round_id if rounds else -1,
-            "world_size": rounds[-1].world_size if rounds else 0,
-            "num_nodes": rounds[-1].num_nodes if rounds else 0,
-            "restarts": c.restarts,
-            "metrics": c.metrics,
-            "events": c.events.events[events_from:],
-        }
+        return progress_snapshot(self.controller, events_from)
 
     def worker_pids(self) -> list[int]:
         return self.group.worker_pids()

@@ -540,3 +540,17 @@ class Controller(DrainSteps, SilenceMixin):
 
     def _budget_text(self) -> str:
         return "unlimited" if self.config.max_restarts < 0 else str(self.config.max_restarts)
+
+
+def progress_snapshot(controller: Controller, events_from: int) -> dict[str, Any]:
+    """What progress displays show (`progress.LogProgress.update`): state, round, size, budget, metrics, new events."""
+    rounds = controller.rounds
+    return {
+        "state": controller.state.name,
+        "round_id": rounds[-1].round_id if rounds else -1,
+        "world_size": rounds[-1].world_size if rounds else 0,
+        "num_nodes": rounds[-1].num_nodes if rounds else 0,
+        "restarts": controller.restarts,
+        "metrics": controller.metrics,
+        "events": controller.events.events[events_from:],
+    }

@@ -47,8 +47,12 @@ def _member(name: str, plan: dict[int, tuple[int, int]], store_dir: str, queue) 
                 state.step += 1
                 state.commit()
             state._session.finish_agreement()
-            set_session(None)
+            # Free DDP (its reducer holds the group) while the group is still registered, as the worker
+            # does: a reducer freed after destroy_process_group destroys the gloo group while holding the
+            # GIL, which can deadlock with a gloo thread freeing a finished work's tensors.
+            del model, opt, state
             dist.destroy_process_group()
+            set_session(None)
             holder.end_round()
         queue.put((name, seen))
     except BaseException:  # noqa: BLE001 - reported to the test
@@ -66,12 +70,13 @@ def test_a_rank_sitting_out_a_round_rejoins_holding_a_different_commit_with_the_
     for proc in procs:
         proc.start()
     try:
-        results = dict(queue.get(timeout=45) for _ in procs)
+        results = dict(queue.get(timeout=25) for _ in procs)
     finally:
-        for proc in procs:
-            proc.join(10)
+        for proc in procs:  # within the test's timeout, whatever happened above
+            proc.join(5)
             if proc.is_alive():
                 os.kill(proc.pid, 9)
+                proc.join(5)
     for name, seen in results.items():
         assert isinstance(seen, dict), f"{name} failed:\n{seen}"
     assert results["c"][1] == {"restored_from": "fresh", "step": 0, "identical": True}
