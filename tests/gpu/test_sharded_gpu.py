@@ -42,13 +42,23 @@ def _build(device: torch.device, world: int):
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
-def _full(model, opt) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def _gathered(value):
+    """A DTensor's full value on CPU, gathered through pickled CPU copies of the local shards (gloo's
+    functional all-gather of CUDA tensors, which `get_model_state_dict(full_state_dict=True)` uses,
+    crashed with torch 2.11 on an H200); other tensors on CPU."""
+    from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return {"model": {k: v.cpu() for k, v in get_model_state_dict(model, options=options).items()},
-            "optim": {fqn: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                      for fqn, s in get_optimizer_state_dict(model, opt, options=options)["state"].items()}}
+    if isinstance(value, DTensor):
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, value.to_local().detach().cpu())
+        return torch.cat(parts, dim=0)  # fully_shard's Shard(0): torch.chunk pieces, in rank order
+    return value.detach().cpu() if torch.is_tensor(value) else value
+
+
+def _full(model, opt) -> dict:
+    return {"model": {k: _gathered(v) for k, v in model.state_dict().items()},
+            "optim": {name: {k: _gathered(v) for k, v in opt.state[p].items()}
+                      for name, p in model.named_parameters()}}
 
 
 def _same(a: dict, b: dict) -> bool:
