@@ -72,8 +72,9 @@ class RunConfig:
         """Resources of one worker, as one placement-group bundle."""
         bundle = {"CPU": 1.0}
         bundle.update({k: float(v) for k, v in self.resources_per_worker.items()})
-        if self.use_gpu:
-            bundle["GPU"] = max(1.0, bundle.get("GPU", 1.0))
+        if self.use_gpu:  # a whole GPU per worker unless a share is asked for (ranks sharing one, gloo)
+            asked = bundle.get("GPU", 0.0)
+            bundle["GPU"] = asked if 0 < asked < 1 else max(1.0, asked)
         return {k: v for k, v in bundle.items() if v > 0}
 
     @property
@@ -135,6 +136,12 @@ def validate(config: RunConfig) -> RunConfig:
             raise ConfigError(f"resources_per_worker entries must be name -> number, got {key!r}: {amount!r}.")
         if amount < 0:
             raise ConfigError(f"resources_per_worker[{key!r}] must be >= 0, got {amount}.")
+    shared_gpu = config.resources_per_worker.get("GPU", 0)
+    if config.use_gpu and 0 < shared_gpu < 1 and config.worker_backend == "nccl":
+        raise ConfigError(
+            f"resources_per_worker={{'GPU': {shared_gpu}}} puts several ranks on one GPU, which NCCL cannot "
+            f"run; set backend='gloo' to share GPUs, or give each worker a whole GPU ({{'GPU': 1}})."
+        )
     _require_int("checkpoint_every", config.checkpoint_every, 1)
     _require_int("keep_checkpoints", config.keep_checkpoints, 1)
     for name in (

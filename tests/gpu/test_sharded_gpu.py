@@ -172,3 +172,51 @@ def test_run_on_a_gpu_restores_sharded_state_from_memory_then_resumes_from_stora
         assert second.return_values[0]["log"] == list(range(1, 9))
     finally:
         ray.shutdown()
+
+
+def _shared_gpu_train(config: dict) -> dict:
+    import ray_elastic
+
+    ctx = ray_elastic.get_context()
+    model, opt = _build(ctx.device, ctx.world_size)
+    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], sources=[])
+    state.sources.append((ctx.round_id, state.restored_from))
+    while state.step < config["steps"]:
+        config["faults"].check(state.step)
+        x = torch.randn(8, 33, device=ctx.device)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        state.step += 1
+        state.log.append(state.step)
+        state.commit()
+    return {"rank": ctx.rank, "log": list(state.log), "sources": list(state.sources), "device": str(ctx.device),
+            "on_device": all(p.to_local().device.type == "cuda" for p in model.parameters())}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Ray with use_gpu)")
+def test_two_ranks_sharing_a_gpu_rebuild_a_killed_ranks_shards_from_memory(tmp_path):
+    """Through Ray: 2 ranks on one GPU (gloo on CUDA tensors), rank 1 SIGKILLed after step 4's commit: the
+    survivor keeps its process and rebuilds the state from its own shard and rank 1's replica; the
+    replacement receives its shards from it; every step is committed once."""
+    import ray
+
+    import ray_elastic
+    from ray_elastic.testing import FaultInjector
+
+    ray.init(num_gpus=1, num_cpus=4, include_dashboard=False)
+    try:
+        faults = FaultInjector().kill_at(rank=1, step=4)
+        result = ray_elastic.run(_shared_gpu_train, config={"steps": 10, "faults": faults},
+                                 min_nodes=1, nproc_per_node=2, use_gpu=True, backend="gloo", max_restarts=1,
+                                 resources_per_worker={"CPU": 1, "GPU": 0.5}, progress="none")
+        assert result.restarts == 1
+        values = sorted(result.return_values, key=lambda v: v["rank"])
+        assert [v["log"] for v in values] == [list(range(1, 11))] * 2
+        assert all(v["device"].startswith("cuda") and v["on_device"] for v in values), values
+        # `sources` is committed state: each rank ends with round 0's entry and its own for the round after the kill
+        last_round = {v["sources"][-1][0] for v in values}
+        assert len(last_round) == 1 and sorted(v["sources"][-1][1] for v in values) == ["memory", "peer"], values
+        assert all(tuple(v["sources"][0]) == (0, "fresh") for v in values), values
+    finally:
+        ray.shutdown()

@@ -36,6 +36,7 @@ def _noop(config):
         ({"probe_timeout_s": 0.5}, "must be at least twice heartbeat_interval_s"),
         ({"use_gpu": "yes"}, "use_gpu must be True or False"),
         ({"backend": "mpi"}, "backend must be 'gloo', 'nccl'"),
+        ({"use_gpu": True, "resources_per_worker": {"GPU": 0.5}}, "which NCCL cannot run; set backend='gloo'"),
         ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker['CPU'] must be >= 0"),
         ({"resources_per_worker": ["CPU"]}, "resources_per_worker must be a dict"),
         ({"resume": True}, "resume=True needs storage_path"),
@@ -101,6 +102,9 @@ def test_feasibility_rejects_only_what_no_node_or_node_type_could_ever_hold():
     with pytest.raises(ConfigError, match="no node can hold nproc_per_node=2 .* the largest node has \\{'CPU': 1"):
         check_feasible(two, [head], node_types=[{"CPU": 1.0}])  # nor any node type
     gpu = RunConfig(run_id="t", use_gpu=True)
+    assert gpu.bundle == {"CPU": 1.0, "GPU": 1.0}, "a whole GPU per worker by default"
+    shared = RunConfig(run_id="t", use_gpu=True, backend="gloo", nproc_per_node=2, resources_per_worker={"GPU": 0.5})
+    assert shared.bundle["GPU"] == 0.5 and check_feasible(shared, [head, _node(2, gpus=1.0)]) == 1, "2 ranks share it"
     with pytest.raises(ConfigError, match="no GPUs"):
         check_feasible(gpu, [head, _node(2)])
     assert check_feasible(gpu, [head, _node(2)], node_types=[{"CPU": 8.0, "GPU": 1.0}]) == 0
