@@ -81,8 +81,11 @@ def test_live_snapshot_survives_a_sigkill_and_hands_its_state_to_the_newcomer(cl
     result = run.join()
     check_run(result, steps, restarts=1, trace=trace)  # identical weights on every rank, the newcomer's included
     assert victim not in {v["pid"] for v in result.return_values}
-    newcomer = [v for v in result.return_values if v["restored_from"] == "peer"]
-    assert len(newcomer) == 1, "the newcomer received the commit by broadcast"
+    rounds = [(r.round_id, r.world_size, r.cause) for r in result.rounds]
+    newcomers = [v for v in result.return_values if v["pid"] not in pids]
+    assert len(newcomers) == 1, (rounds, result.return_values)
+    # Its first entry received the commit (a later round, if any, restores it from its own memory).
+    assert newcomers[0]["restores"][0][1] == "peer", ("the newcomer received the commit by broadcast", rounds)
     final_round = result.rounds[-1].round_id
     restored = [[d for r, _, d in v["restores"] if r == final_round] for v in result.return_values]
     assert all(d == restored[0] and len(d) == 1 for d in restored), "newcomer's model+optimizer equal survivors'"
