@@ -44,6 +44,7 @@ logger = logging.getLogger("ray_elastic")
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
 # How long `check_pulse` waits for the checks it just started: a refused or answered one takes a millisecond.
 PULSE_GRACE_S = 0.05
+STACKS_FIRST_S = 0.5  # how long an abort for a diagnosis waits for stacks read before any rank is severed
 # A node group not placed within PLACEMENT_PATIENCE_S (its node is taken, e.g. by another run) is
 # moved to a node that could hold it; the node passed over is not tried again for PASSED_OVER_S.
 PLACEMENT_PATIENCE_S = 5.0
@@ -113,6 +114,8 @@ class RayWorkerGroup(WorkerGroup):
         self._pulse_pool: ThreadPoolExecutor | None = None
         self._pulses: dict[str, Future[str]] = {}  # worker id -> native check in flight
         self._abort_refs: dict[Any, str] = {}  # abort calls whose answers (stacks) are still to collect
+        self._early_stacks: list[StackReport] = []  # read just before an abort for a diagnosis, not yet passed on
+        self._read_first: set[str] = set()  # workers of this round whose stack was read before the abort
 
     # -- lookup --------------------------------------------------------------------------------
     def _slot(self, worker_id: str) -> _Slot | None:
@@ -288,6 +291,8 @@ class RayWorkerGroup(WorkerGroup):
         self._round_refs.clear()
         self._probe_refs.clear()
         self._abort_refs.clear()
+        self._early_stacks.clear()
+        self._read_first.clear()
         self._acked.clear()  # reports are numbered per round
         self._members = plan.worker_ids
         for a, ip in zip(assignments, worker_ips):
@@ -362,27 +367,45 @@ class RayWorkerGroup(WorkerGroup):
                 slot.actor.request_stop.remote(round_id)
 
     def abort(self, round_id: int, worker_ids: list[str], diagnose: bool = False) -> None:
+        slots = [(w, s) for w in worker_ids if (s := self._slot(w)) is not None and s.status != DEAD]
+        if diagnose:
+            self._read_stacks_first(round_id, slots)
         if round_id == self.round_id and self.store is not None:
             # Ranks still forming the group wait on the store: closing it frees them.
             self.store.close()
             self.store = None
-        for worker_id in worker_ids:
-            slot = self._slot(worker_id)
-            if slot is not None and slot.status != DEAD:
-                self._abort_refs[slot.actor.abort.remote(round_id, diagnose)] = worker_id
+        for worker_id, slot in slots:
+            read = worker_id in self._read_first
+            self._abort_refs[slot.actor.abort.remote(round_id, diagnose and not read)] = worker_id
 
-    def stack_reports(self) -> list[StackReport]:
-        if not self._abort_refs:
-            return []
-        done, _ = ray.wait(list(self._abort_refs), num_returns=len(self._abort_refs), timeout=0)
-        reports = []
+    def _read_stacks_first(self, round_id: int, slots: list[tuple[str, _Slot]]) -> None:
+        """Every stack before any rank is severed: a severed peer's collective fails at once, and its
+        training thread would leave the user's frames before its own abort could read them. Workers that
+        do not answer within STACKS_FIRST_S (a GIL-holding loop), and scripts (read with py-spy, slower),
+        answer in their abort."""
+        refs = {slot.actor.stacks.remote(False): worker_id for worker_id, slot in slots}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STACKS_FIRST_S) if refs else ([], [])
         for ref in done:
-            self._abort_refs.pop(ref)
             try:
                 report = ray.get(ref)
             except RayError:
                 continue
-            if report is not None:
+            if report.round_id == round_id and report.stack:
+                self._early_stacks.append(report)
+                self._read_first.add(report.worker_id)
+
+    def stack_reports(self) -> list[StackReport]:
+        reports, self._early_stacks = self._early_stacks, []
+        if not self._abort_refs:
+            return reports
+        done, _ = ray.wait(list(self._abort_refs), num_returns=len(self._abort_refs), timeout=0)
+        for ref in done:
+            worker_id = self._abort_refs.pop(ref)
+            try:
+                report = ray.get(ref)
+            except RayError:
+                continue
+            if report is not None and worker_id not in self._read_first:  # the stack read first is kept
                 reports.append(report)
         return reports
 

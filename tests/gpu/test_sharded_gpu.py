@@ -131,12 +131,13 @@ def test_cuda_shards_snapshot_to_pinned_memory_and_reshard_two_to_one(tmp_path):
 
 
 def _gpu_train(config: dict) -> dict:
+    """An FSDP2 loop committing every step; `sources` (committed state) lists each entry's (round, restored_from)."""
     import ray_elastic
 
     ctx = ray_elastic.get_context()
     model, opt = _build(ctx.device, ctx.world_size)
-    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[])
-    restored = state.restored_from
+    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], sources=[])
+    state.sources.append((ctx.round_id, state.restored_from))
     while state.step < config["steps"]:
         config["faults"].check(state.step)
         x = torch.randn(8, 33, device=ctx.device)
@@ -146,8 +147,9 @@ def _gpu_train(config: dict) -> dict:
         state.step += 1
         state.log.append(state.step)
         state.commit()
-    return {"log": list(state.log), "restored_from": restored, "device": str(ctx.device),
-            "weights": [float(p.full_tensor().double().sum()) for p in model.parameters()]}
+    return {"rank": ctx.rank, "log": list(state.log), "restored_from": state.sources[-1][1],
+            "sources": list(state.sources), "device": str(ctx.device),
+            "on_device": all(p.to_local().device.type == ctx.device.type for p in model.parameters())}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Ray with use_gpu)")
@@ -174,26 +176,6 @@ def test_run_on_a_gpu_restores_sharded_state_from_memory_then_resumes_from_stora
         ray.shutdown()
 
 
-def _shared_gpu_train(config: dict) -> dict:
-    import ray_elastic
-
-    ctx = ray_elastic.get_context()
-    model, opt = _build(ctx.device, ctx.world_size)
-    state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[], sources=[])
-    state.sources.append((ctx.round_id, state.restored_from))
-    while state.step < config["steps"]:
-        config["faults"].check(state.step)
-        x = torch.randn(8, 33, device=ctx.device)
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-        state.step += 1
-        state.log.append(state.step)
-        state.commit()
-    return {"rank": ctx.rank, "log": list(state.log), "sources": list(state.sources), "device": str(ctx.device),
-            "on_device": all(p.to_local().device.type == "cuda" for p in model.parameters())}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Ray with use_gpu)")
 def test_two_ranks_sharing_a_gpu_rebuild_a_killed_ranks_shards_from_memory(tmp_path):
     """Through Ray: 2 ranks on one GPU (gloo on CUDA tensors), rank 1 SIGKILLed after step 4's commit: the
@@ -207,7 +189,7 @@ def test_two_ranks_sharing_a_gpu_rebuild_a_killed_ranks_shards_from_memory(tmp_p
     ray.init(num_gpus=1, num_cpus=4, include_dashboard=False)
     try:
         faults = FaultInjector().kill_at(rank=1, step=4)
-        result = ray_elastic.run(_shared_gpu_train, config={"steps": 10, "faults": faults},
+        result = ray_elastic.run(_gpu_train, config={"steps": 10, "faults": faults},
                                  min_nodes=1, nproc_per_node=2, use_gpu=True, backend="gloo", max_restarts=1,
                                  resources_per_worker={"CPU": 1, "GPU": 0.5}, progress="none")
         assert result.restarts == 1
