@@ -35,6 +35,14 @@ def _exact(restores: list[dict]) -> None:
         assert restore["digest"] == restore["committed"], f"restored state differs from its commit: {restore}"
 
 
+def _trained_at(run, trace, world_size: int, steps: int) -> dict:
+    """The first round of `world_size` (at start, or once the last node is ready: a node just added may not
+    be schedulable when the run starts), after `steps` more committed steps; its round_formed event."""
+    formed = run.wait_for("round_formed", world_size=world_size, timeout_s=120)
+    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + steps, alive=run.alive)
+    return formed
+
+
 def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path):
     """4 nodes; rank 2 SIGKILLs itself right after a commit returned (the worst moment: that commit's shard
     of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
@@ -47,8 +55,7 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
                                                       "faults": faults},
                         min_nodes=3, max_nodes=4, max_restarts=1)
-    formed = run.wait_for("round_formed", world_size=4, timeout_s=120)  # at start, or once the 4th node is ready
-    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 2, alive=run.alive)
+    formed = _trained_at(run, trace, world_size=4, steps=2)
     grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 4
                        and e["data"]["cause"] == "scale-up")  # the run may have started at 3 and grown once
     request_fault(str(triggers), "kill", 2)  # fires at its next check: right after a commit returned
@@ -90,8 +97,7 @@ def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(c
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
                         min_nodes=2, max_nodes=4, max_restarts=1, storage_path=str(tmp_path / "storage"),
                         name=name, keep_checkpoints=100)
-    formed = run.wait_for("round_formed", world_size=4, timeout_s=120)  # at start, or once the 4th node is ready
-    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 3, alive=run.alive)
+    formed = _trained_at(run, trace, world_size=4, steps=3)
     first = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]}
     doomed = [n for n in cluster.nodes if cluster.node_id(n) in (first[1]["node_id"], first[2]["node_id"])]
     assert len(doomed) == 2
@@ -149,8 +155,7 @@ def test_row17_drained_node_of_a_sharded_run_leaves_its_shards_in_memory(cluster
     ensure_nodes(cluster, 3)
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
                         min_nodes=2, max_nodes=3, max_restarts=0, shard_replica_every=50)
-    formed = run.wait_for("round_formed", world_size=3, timeout_s=120)
-    trace.wait_for_step(max((c.step for c in trace.commits()), default=0) + 3, alive=run.alive)
+    formed = _trained_at(run, trace, world_size=3, steps=3)
     members = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]}
     [victim] = [n for n in cluster.nodes if cluster.node_id(n) == members[1]["node_id"]]
     drained_at = time.time()
