@@ -181,6 +181,12 @@ def detection_s(events: Iterable[Any], fault_time: float, kind: str = "worker_lo
     return times[0] - fault_time if times else None
 
 
+def timeline(events: Iterable[Any], since: float) -> str:
+    """The events from `since` on, one line each as `+seconds kind: message` (for failure messages)."""
+    lines = [f"+{t - since:.3f}s {k}: {m}" for k, t, _, m in map(event_fields, events) if t >= since]
+    return "\n".join(lines)
+
+
 def check_run(result: Any, steps: int, restarts: int, trace: Trace | None = None, every: int = 1) -> None:
     """Checks (a), (b) and (c) of every row; (d) is the `no_leaks` fixture.
 

@@ -352,13 +352,20 @@ def test_row17_cli_pod_deleted_its_scripts_get_sigterm_and_restart_in_the_smalle
         exited_after = time.monotonic() - deleted_at
         thread.join(300)
     assert box.get("rc") == 0, "a drain spends no restart (--max-restarts=0)"
-    starts = _jsonl(out / "starts.jsonl")
-    assert sorted(s["world"] for s in starts) == [2, 2, 4, 4, 4, 4], starts
+    starts = _jsonl(out / "starts.jsonl")  # in the order the scripts started
+    full = [i for i, s in enumerate(starts) if s["world"] == 4]
+    assert sorted(starts[i]["rank"] for i in full) == [0, 1, 2, 3], starts
+    # The run may start on the first node alone and grow once the second joins its rendezvous: that is a
+    # membership change too (every script restarts), but not the one under test.
+    grew_from = starts[:full[0]]
+    assert all(s["world"] == 2 for s in grew_from) and len(grew_from) in (0, 2), starts
+    again = starts[full[-1] + 1:]
+    assert [s["world"] for s in again] == [2, 2], starts
     assert all(s["restart_count"] == 0 for s in starts), "TORCHELASTIC_RESTART_COUNT unchanged: not a restart"
     terms = _jsonl(out / "sigterms.jsonl")
-    assert sorted((t["world"], t["rank"]) for t in terms) == [(4, 0), (4, 1), (4, 2), (4, 3)], \
+    assert sorted((t["world"], t["rank"]) for t in terms if t["world"] == 4) == [(4, 0), (4, 1), (4, 2), (4, 3)], \
         "every script of the old world got SIGTERM, the drained node's included"
-    again = [s for s in starts if s["world"] == 2]
+    assert len([t for t in terms if t["world"] == 2]) == len(grew_from), terms
     assert len({s["step"] for s in again}) == 1 and again[0]["step"] >= 5, "resumed from the script's own save"
     assert _jsonl(out / "steps.jsonl")[-1] == {"step": steps, "world": 2}
     assert exited_after < drain_timeout_s, f"the pod exited {exited_after:.1f}s after SIGTERM: not let go early"

