@@ -24,6 +24,12 @@ def main(marker: str) -> int:
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
+    names = []
+    for proc in found:
+        try:
+            names.append(f"{proc.pid} {proc.name()} ({proc.status()}): {' '.join(proc.cmdline())[:120]}")
+        except psutil.Error:
+            names.append(f"{proc.pid} (gone)")
     for proc in found:
         try:
             proc.kill()
@@ -31,7 +37,8 @@ def main(marker: str) -> int:
             pass
     psutil.wait_procs(found, timeout=5)
     if found:
-        print(f"kill_session_procs: killed {len(found)} leftover process(es) of this test session", file=sys.stderr)
+        print(f"kill_session_procs: killed {len(found)} leftover process(es) of this test session: "
+              + ", ".join(names), file=sys.stderr)
     return 0
 
 
