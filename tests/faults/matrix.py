@@ -137,6 +137,15 @@ class Trace:
         commits = self.commits()
         return len(commits) - len({c.step for c in commits})
 
+    def describe_redone(self) -> str:
+        """Each step committed more than once, with the process and round of each commit (for failure messages)."""
+        commits = self.commits()
+        twice = {c.step for c in commits if sum(d.step == c.step for d in commits) > 1}
+        lines = [f"step {c.step} at {c.wall:.3f} by pid {c.pid} in round {c.round_id}"
+                 for c in commits if c.step in twice]
+        spans = {pid: f"{log[0]}..{log[-1]} ({len(log)})" for pid, log in self.commits_by_process().items() if log}
+        return "\n".join(lines + [f"commits by process: {spans}"])
+
     def first_commit_after(self, fault_time: float) -> Commit | None:
         """The first step committed after `fault_time` in a round later than the one the fault hit."""
         commits = self.commits()
