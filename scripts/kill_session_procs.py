@@ -1,4 +1,4 @@
-"""Kill every process that carries this test session's marker in its environment (Ray daemons included).
+"""Kill every process that carries this test session's marker in its environment, and what runs below it.
 
 scripts/test.sh exports RAY_ELASTIC_TEST_SESSION=<random>; every process the suite starts, Ray's
 raylets and GCS among them, inherits it. Unlike `ray stop --force`, this leaves alone every Ray on
@@ -7,23 +7,15 @@ the machine that the suite did not start.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import psutil
 
+from ray_elastic.testing.procs import marked_processes
+
 
 def main(marker: str) -> int:
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get("RAY_ELASTIC_TEST_SESSION") == marker:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
+    found = marked_processes("RAY_ELASTIC_TEST_SESSION", marker)
     names = []
     for proc in found:
         try:

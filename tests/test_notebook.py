@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ray_elastic.testing.procs import marked_processes
+
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml (Python 3.11+)")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -51,12 +53,7 @@ def _texts(cell) -> str:
 
 def _marked(marker: str) -> list[psutil.Process]:
     """Processes carrying the kernel's marker: the kernel and every Ray process it started."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("RAY_ELASTIC_NOTEBOOK_TEST") == marker and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-    return found
+    return marked_processes("RAY_ELASTIC_NOTEBOOK_TEST", marker)
 
 
 def _left_behind(marker: str, wait_s: float) -> list[str]:

@@ -26,6 +26,8 @@ from typing import Any
 import psutil
 import ray
 
+from ray_elastic.testing.procs import marked_processes
+
 MARKER = "RAY_ELASTIC_AUTOSCALING_CLUSTER"
 # Node id the fake provider gives the head (Ray's own FAKE_HEAD_NODE_ID); worker ids count up from it.
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
@@ -147,15 +149,8 @@ class LocalAutoscalingCluster:
         return self.address
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster (they carry its marker in their environment)."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            if proc.pid == os.getpid():
-                continue
-            with contextlib.suppress(psutil.Error, OSError):
-                if proc.environ().get(MARKER) == self.marker:
-                    found.append(proc)
-        return found
+        """Every process of this cluster (they carry its marker in their environment, or descend from one that does)."""
+        return marked_processes(MARKER, self.marker)
 
     def raylet_pids(self) -> set[int]:
         """Raylets of this cluster's nodes (Ray processes carry theirs as RAY_RAYLET_PID)."""
@@ -173,10 +168,9 @@ class LocalAutoscalingCluster:
 
     def kill_node(self, node_id: str) -> None:
         """Kill one worker node's processes outright, as a cloud provider does at a preemption deadline."""
-        for proc in self.processes():
-            with contextlib.suppress(psutil.Error, OSError):
-                if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
-                    proc.kill()
+        for proc in marked_processes("RAY_OVERRIDE_NODE_ID_FOR_TESTING", node_id):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def shutdown(self) -> None:
         procs = self.processes()

@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ray_elastic.testing.procs import marked_processes
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,12 +90,7 @@ class ReadmeMachine:
                               capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
 
     def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.pid != os.getpid() and proc.environ().get("HOME") == self.env["HOME"]:
-                    found.append(proc)
-        return found
+        return marked_processes("HOME", self.env["HOME"])
 
     def stop(self) -> list[str]:
         """Terminate, then kill, every process carrying this HOME; return what survived."""

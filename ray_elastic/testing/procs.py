@@ -1,0 +1,32 @@
+"""Finding the processes a test started by a marker in their environment, with their descendants."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import psutil
+
+
+def marked_processes(key: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment holds `key=value`, and every process below them.
+
+    The descendants matter: Ray's dashboard and runtime-env agents rename themselves in a way
+    that leaves /proc/<pid>/environ empty, so only their parent (a raylet, which carries the
+    marker) finds them. Orphaned by a killed raylet, an agent spins on a core for about a
+    minute; so collect before killing anything.
+    """
+    me = os.getpid()
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get(key) == value and proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = proc
+    for proc in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            for child in proc.children(recursive=True):
+                if child.pid != me:
+                    found.setdefault(child.pid, child)
+    return list(found.values())
