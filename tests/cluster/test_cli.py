@@ -263,9 +263,13 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
 
 
 # The example, saving and exiting 0 on SIGTERM (a common pattern for preemption).
-GRACEFUL_EXAMPLE = f"""
-import runpy, signal, sys
+def graceful_example(fast: Path) -> str:
+    """The example, exiting 0 on SIGTERM; its per-step sleep ends once `fast` exists."""
+    return f"""
+import os, runpy, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+_sleep = time.sleep
+time.sleep = lambda s: None if os.path.exists({str(fast)!r}) else _sleep(s)
 runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
 """
 
@@ -275,7 +279,8 @@ def test_scripts_restart_with_the_new_world_when_a_node_joins(cluster, no_leaks,
     cluster.resize(1)
     snap = tmp_path / "snap"
     graceful = tmp_path / "graceful.py"
-    graceful.write_text(GRACEFUL_EXAMPLE)
+    fast = tmp_path / "fast"
+    graceful.write_text(graceful_example(fast))
     argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(graceful),
             "--snapshot-dir", str(snap), "--steps", "70", "--sleep", "0.3"]  # long enough for a node to start
     box: dict = {}
@@ -284,6 +289,10 @@ def test_scripts_restart_with_the_new_world_when_a_node_joins(cluster, no_leaks,
     _wait_for(lambda: len(_read_jsonl(snap / "steps.jsonl")) >= 3, 300, "the script to train a few steps",
               thread.is_alive)
     cluster.add_node()  # from the main thread: Cluster.add_node installs a signal handler
+    # Once all four ranks of the grown world have started, the remaining steps need no pacing.
+    _wait_for(lambda: sum(s["world_size"] == 4 for s in _read_jsonl(snap / "starts.jsonl")) == 4, 300,
+              "the grown world to start", thread.is_alive)
+    fast.touch()
     thread.join(400)
     assert box.get("rc") == 0, "a scale-up spends no restart (max-restarts=0)"
     starts = _read_jsonl(snap / "starts.jsonl")
