@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import ray
 
-from ray_elastic.testing.procs import marked_processes
+from ray_elastic.testing.procs import marked_processes, with_descendants
 
 MARKER = "RAY_ELASTIC_AUTOSCALING_CLUSTER"
 # Node id the fake provider gives the head (Ray's own FAKE_HEAD_NODE_ID); worker ids count up from it.
@@ -168,7 +168,12 @@ class LocalAutoscalingCluster:
 
     def kill_node(self, node_id: str) -> None:
         """Kill one worker node's processes outright, as a cloud provider does at a preemption deadline."""
-        for proc in marked_processes("RAY_OVERRIDE_NODE_ID_FOR_TESTING", node_id):
+        on_node = []
+        for proc in self.processes():  # only this cluster's: every fake provider numbers its nodes alike
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                    on_node.append(proc)
+        for proc in with_descendants(on_node):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
 

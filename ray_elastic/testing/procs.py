@@ -17,14 +17,21 @@ def marked_processes(key: str, value: str) -> list[psutil.Process]:
     minute; so collect before killing anything.
     """
     me = os.getpid()
-    found: dict[int, psutil.Process] = {}
+    marked = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == me:
             continue
         with contextlib.suppress(psutil.Error, OSError):
             if proc.environ().get(key) == value and proc.status() != psutil.STATUS_ZOMBIE:
-                found[proc.pid] = proc
-    for proc in list(found.values()):
+                marked.append(proc)
+    return with_descendants(marked)
+
+
+def with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """`procs` and every process below them (this one left out), each once."""
+    me = os.getpid()
+    found = {proc.pid: proc for proc in procs}
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             for child in proc.children(recursive=True):
                 if child.pid != me:

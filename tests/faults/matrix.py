@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,8 @@ class Trace:
     def describe_redone(self) -> str:
         """Each step committed more than once, with the process and round of each commit (for failure messages)."""
         commits = self.commits()
-        twice = {c.step for c in commits if sum(d.step == c.step for d in commits) > 1}
+        counts = Counter(c.step for c in commits)
+        twice = {step for step, count in counts.items() if count > 1}
         lines = [f"step {c.step} at {c.wall:.3f} by pid {c.pid} in round {c.round_id}"
                  for c in commits if c.step in twice]
         spans = {pid: f"{log[0]}..{log[-1]} ({len(log)})" for pid, log in self.commits_by_process().items() if log}
