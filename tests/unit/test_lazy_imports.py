@@ -1,4 +1,5 @@
-"""The package's names load on first use: the local CLI starts without Ray (about 1.5 s less per launch)."""
+"""The package's names load on first use: the local CLI starts without Ray
+(benchmarks/startup.py: its imports 1.53 s -> 1.05 s)."""
 
 from __future__ import annotations
 
