@@ -160,6 +160,7 @@ def run(
     snapshot: str = "auto",
     shard_replicas: int = 1,
     shard_replica_every: int = 1,
+    shard_replica_overlap: bool = False,
     store_port: int = 0,
 ) -> RunResult:
     """Train `train_fn` on between min_nodes and max_nodes Ray nodes, surviving failures.
@@ -204,6 +205,9 @@ def run(
             (0: none; a lost shard then comes from storage). Ignored for replicated (DDP) state.
         shard_replica_every: refresh those copies at every N-th commit (and at every commit where the
             world changes); after a failure at most N-1 committed steps are redone.
+        shard_replica_overlap: send each commit's copies while the next step trains instead of inside
+            commit(): cheaper steps, but a rank lost before its copy arrived costs the last committed
+            step (at most N with shard_replica_every=N). Resizes at a commit still redo none.
         store_port: port of every round's store (MASTER_PORT) on the coordinator's node, for
             scripts that name it (the CLI's --master-port); 0 (default) picks a free port each round.
 
@@ -245,6 +249,7 @@ def run(
             snapshot=snapshot,
             shard_replicas=shard_replicas,
             shard_replica_every=shard_replica_every,
+            shard_replica_overlap=shard_replica_overlap,
             store_port=store_port,
         )
     )

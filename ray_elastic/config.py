@@ -57,6 +57,7 @@ class RunConfig:
     # Sharded (FSDP2) state: copies of each rank's committed shards on other nodes, refreshed every N commits.
     shard_replicas: int = 1
     shard_replica_every: int = 1
+    shard_replica_overlap: bool = False
     # Port of every round's store on the coordinator's node (the CLI's --master-port); 0: a free one.
     store_port: int = 0
 
@@ -193,6 +194,8 @@ def validate(config: RunConfig) -> RunConfig:
         )
     _require_int("shard_replicas", config.shard_replicas, 0)
     _require_int("shard_replica_every", config.shard_replica_every, 1)
+    if not isinstance(config.shard_replica_overlap, bool):
+        raise ConfigError(f"shard_replica_overlap must be True or False, got {config.shard_replica_overlap!r}.")
     _require_int("store_port", config.store_port, 0)
     if config.store_port > 65535:
         raise ConfigError(f"store_port must be a TCP port (0-65535, 0 for a free one), got {config.store_port}.")

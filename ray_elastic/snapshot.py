@@ -113,7 +113,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class SnapshotHolder:
     """This process's last committed snapshot; outlives rounds (train_fn re-entries)."""
 
-    def __init__(self, mode: str = "copy", shard_replicas: int = 1, shard_replica_every: int = 1) -> None:
+    def __init__(self, mode: str = "copy", shard_replicas: int = 1, shard_replica_every: int = 1,
+                 shard_replica_overlap: bool = False) -> None:
         if mode not in SNAPSHOT_MODES:
             raise ConfigError(f"snapshot must be one of {SNAPSHOT_MODES}, got {mode!r}.")
         self.mode = mode
@@ -132,6 +133,7 @@ class SnapshotHolder:
         # Sharded (FSDP2) state is held apart, by `ray_elastic.sharded.store.ShardStore` (created on first use).
         self.shard_replicas = shard_replicas
         self.shard_replica_every = shard_replica_every
+        self.shard_replica_overlap = shard_replica_overlap
         self.shards: Any = None
 
     # -- what is held -----------------------------------------------------------------------------
@@ -217,7 +219,10 @@ class SnapshotHolder:
         """train_fn left its round: copy live tensors that still hold the commit, or note they do not.
 
         After this, nothing the next round does to objects kept across rounds can change the commit.
+        A sharded replica transfer still in flight is settled here, before the round's group goes.
         """
+        if self.shards is not None:
+            self.shards.settle()
         if not self._live:
             self._forget_live()
             return

@@ -8,7 +8,9 @@ that is the training group itself; with NCCL it is a gloo side group of the roun
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -69,13 +71,15 @@ class ReplicaExchange:
 
     Receives are posted first; `send_ready(upto)` sends every chunk of `own` below byte `upto`
     (so sending overlaps packing); `finish()` waits for everything. `received` holds the sources
-    whose buffer arrived complete, also when `finish` raises (a peer lost mid-way).
+    whose buffer arrived complete, also when `finish` raises (a peer lost mid-way); `timed_out`
+    says a wait gave up on a transfer that may still run.
     """
 
     def __init__(self, own: torch.Tensor, rank: int, holders: Sequence[Sequence[int]], sizes: Mapping[int, int],
                  buffers: Mapping[int, torch.Tensor], group: Any = None):
         self.own, self.holders, self.group = own, list(holders[rank]), group
         self.received: set[int] = set()
+        self.timed_out = False  # some transfer may still be running: its buffers must not be reused
         self._chunks = chunks(own.numel())
         self._sent = 0
         self._sends: list[Any] = []
@@ -93,23 +97,38 @@ class ReplicaExchange:
                                               tag=self._sent))
             self._sent += 1
 
-    def finish(self) -> None:
+    def finish(self, timeout: timedelta | None = None) -> None:
+        """Send what is left and wait for every transfer (all of them within `timeout`, if given)."""
         self.send_ready(self.own.numel())
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+
+        def wait(work: Any) -> None:
+            if deadline is None:
+                work.wait()
+            else:
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         error: BaseException | None = None
         for source, works in self._recvs.items():
             try:
                 for work in works:
-                    work.wait()
+                    wait(work)
                 self.received.add(source)
             except BaseException as exc:  # noqa: BLE001 - finish the others, then raise the first
                 error = error or exc
+                self.timed_out |= _is_timeout(exc)
         for work in self._sends:
             try:
-                work.wait()
+                wait(work)
             except BaseException as exc:  # noqa: BLE001
                 error = error or exc
+                self.timed_out |= _is_timeout(exc)
         if error is not None:
             raise error
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A wait that gave up while the transfer may still run (gloo: "Timed out waiting ..."), not a failed one."""
+    return "timed out" in str(exc).lower()
 
 
 def reshard(plan: Mapping[tuple[int, int], list[Piece]], specs: Sequence[LeafSpec], old_world: int,

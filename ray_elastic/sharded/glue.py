@@ -24,7 +24,8 @@ def store_of(holder: Any) -> ShardStore:
     """The worker's ShardStore, created on first use with the run's shard_replicas settings."""
     store = getattr(holder, "shards", None)
     if store is None:
-        store = ShardStore(getattr(holder, "shard_replicas", 1), getattr(holder, "shard_replica_every", 1))
+        store = ShardStore(getattr(holder, "shard_replicas", 1), getattr(holder, "shard_replica_every", 1),
+                           overlap=getattr(holder, "shard_replica_overlap", False))
         holder.shards = store
     return store
 
@@ -90,16 +91,16 @@ class ShardedSession:
     def commit(self, attrs: dict[str, Any]) -> bool:
         """Take the commit (see `store.ShardStore.commit`); start its durable write when due. True: world changes."""
         stop = self.store.commit(self.items, attrs, self.session.stop_requested)
-        current, checkpoints = self.store.current, self.checkpoints
-        if checkpoints is not None and current is not None and current.commit_id == self.store.commit_id \
-                and checkpoints.due(current.commit_id):
-            checkpoints.save_async(current, self.session.context.round_id, attrs.get("step"))
+        taken, checkpoints = self.store.latest(), self.checkpoints
+        if checkpoints is not None and taken is not None and checkpoints.due(taken.commit_id):
+            checkpoints.save_async(taken, self.session.context.round_id, attrs.get("step"))
         if stop and checkpoints is not None:
             checkpoints.wait()  # every rank is here: let the write of this commit finish before the group goes
         return stop
 
     def finish_writes(self) -> None:
-        """At the end of train_fn: let a checkpoint write still running finish."""
+        """At the end of train_fn: let a replica transfer and a checkpoint write still running finish."""
+        self.store.settle(timeout=None)  # every rank took the last commit: its transfer lands
         if self.checkpoints is not None:
             self.checkpoints.wait()
 

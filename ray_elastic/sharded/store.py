@@ -18,6 +18,14 @@ got past 3, so a rank lost at any point costs no step that commit() returned for
 With `every=N`, replicas are refreshed (and the generation replaced) every N-th commit
 and at every commit where the world is about to change; after a failure at most N-1
 committed steps are redone. Without replicas, every commit replaces the own shards.
+
+With `overlap=True`, step 2 is only started inside commit c: the transfer runs in gloo's
+transport threads while the next step trains, and commit c+1 waits for it before its
+all-reduce of the stop flag, which again completes only once every rank's transfer of c
+has landed; only then does c replace c-1. A rank lost while c's transfer is still in
+flight may leave c unrebuildable, so the survivors go back to c-1: one more committed step
+redone than without overlap (at most N with `every=N`). A commit where the world changes
+is still refreshed synchronously (a planned resize redoes none).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,6 +80,14 @@ class Generation:
 
 
 @dataclass
+class InFlight:
+    """An overlapped commit's replica transfer, still running: the exchange and the buffers it fills."""
+
+    exchange: comm.ReplicaExchange
+    spares: dict[int, torch.Tensor]
+
+
+@dataclass
 class RoundInfo:
     """What the current round's commits need: the group for host collectives and where ranks live."""
 
@@ -88,11 +105,18 @@ class ShardStore:
     Args:
         replicas: copies of each rank's shards kept by other ranks (0: none).
         every: refresh replicas at every `every`-th commit.
+        overlap: let a commit's replica transfer run during the next step (see the module docstring).
     """
 
-    def __init__(self, replicas: int = 1, every: int = 1, available_bytes: Callable[[], int] | None = None) -> None:
+    LAND_TIMEOUT = timedelta(seconds=2)  # a transfer left by an aborted round: severed, it fails at once
+
+    def __init__(self, replicas: int = 1, every: int = 1, available_bytes: Callable[[], int] | None = None,
+                 overlap: bool = False) -> None:
         self.replicas = replicas
         self.every = every
+        self.overlap = overlap
+        self.inflight: InFlight | None = None  # the pending generation's replicas, still arriving
+        self._abandoned: list[Any] = []  # transfers a wait gave up on: kept alive, their buffers never reused
         self._available = available_bytes or _available_host_bytes
         self.commit_id = -1
         self.current: Generation | None = None
@@ -124,7 +148,15 @@ class ShardStore:
         info.checked = True
 
     def holdings(self) -> list[Holding]:
+        self.settle()
         return [g.holding() for g in (self.current, self.pending) if g is not None]
+
+    def latest(self) -> Generation | None:
+        """The generation of the last commit taken (its own shards complete), if this process packed one."""
+        for g in (self.pending, self.current):
+            if g is not None and g.commit_id == self.commit_id:
+                return g
+        return None
 
     def generation(self, commit_id: int, world: int) -> Generation | None:
         for g in (self.current, self.pending):
@@ -134,6 +166,7 @@ class ShardStore:
 
     def keep_only(self, chosen: Generation | None, commit_id: int) -> None:
         """After a restore: hold `chosen` (possibly None) as the current generation, recycle the rest."""
+        self.settle()
         for g in (self.current, self.pending):
             if g is not None and g is not chosen:
                 self._recycle(g.buffers())
@@ -172,6 +205,8 @@ class ShardStore:
         sources = replica_sources(info.holders, info.rank) if multi else []
         replicate = multi and self.replicas > 0 and bool(info.holders[info.rank] or sources)
         due = replicate and commit_id % self.every == 0
+        if self.overlap and replicate:
+            return self._commit_overlapped(items, attrs, stop_requested, commit_id, info, sources, due)
         box: list[Generation] = []  # the commit taken, once its own shards are packed
         received: set[int] = set()
         spares: dict[int, torch.Tensor] = {}
@@ -196,9 +231,75 @@ class ShardStore:
         self.commit_id = commit_id
         return stop
 
+    def _commit_overlapped(self, items: ShardedItems, attrs: dict[str, Any], stop_requested: Callable[[], bool],
+                           commit_id: int, info: RoundInfo, sources: list[int], due: bool) -> bool:
+        """`commit` with overlap: land the previous transfer, agree, then start this one (or, at a resize, do it)."""
+        self.land()
+        stop = comm.agree(stop_requested(), info.group)
+        if self.pending is not None:  # every rank's transfer of it landed: it is whole everywhere
+            if self.current is not None:
+                self._recycle(self.current.buffers())
+            self.current, self.pending = self.pending, None
+        if stop or due:
+            box: list[Generation] = []
+            received: set[int] = set()
+            spares: dict[int, torch.Tensor] = {}
+            try:
+                self._take_commit(items, attrs, commit_id, info, sources, received, spares, box, wait=stop)
+                if stop:
+                    comm.agree(False, info.group)
+            except BaseException:
+                if box:
+                    box[-1].replicas = {k: spares[k] for k in received}
+                    self.pending = box[-1]
+                raise
+            if stop:
+                box[-1].replicas = {k: spares[k] for k in received}
+                if self.current is not None:
+                    self._recycle(self.current.buffers())
+                self.current = box[-1]
+            else:
+                self.pending = box[-1]
+        self.commit_id = commit_id
+        return stop
+
+    def land(self, timeout: timedelta | None = None) -> None:
+        """Wait for the in-flight transfer; the pending generation then holds the replicas that arrived whole.
+
+        Raises:
+            what the transfer raised (a peer lost); the pending generation keeps what arrived.
+        """
+        flight, self.inflight = self.inflight, None
+        if flight is None:
+            return
+        assert self.pending is not None
+        try:
+            flight.exchange.finish(timeout)
+        finally:
+            got = flight.exchange.received
+            self.pending.replicas = {k: flight.spares[k] for k in got}
+            missing = [b for k, b in flight.spares.items() if k not in got]
+            if flight.exchange.timed_out:  # still posted (not severed): never reuse or free what it may write
+                self._abandoned.append((flight.exchange, missing))
+            else:
+                self._recycle(missing)
+
+    def settle(self, timeout: timedelta | None = LAND_TIMEOUT) -> None:
+        """Land a transfer still in flight, keeping what arrived; a failure is logged, not raised.
+
+        After an aborted round the connections are severed and it ends at once; `timeout` only
+        bounds a wait on connections nobody severed. None: wait however long it takes (peers alive).
+        """
+        if self.inflight is None:
+            return
+        try:
+            self.land(timeout)
+        except Exception as exc:  # noqa: BLE001 - expected after a loss: restore takes what arrived
+            logger.debug("replica transfer of commit %s ended with %r", self.commit_id, exc)
+
     def _take_commit(self, items: ShardedItems, attrs: dict[str, Any], commit_id: int, info: RoundInfo,
                      sources: list[int] | None, received: set[int], spares: dict[int, torch.Tensor],
-                     box: list[Generation]) -> None:
+                     box: list[Generation], wait: bool = True) -> None:
         """Pack the live shards into a new generation (appended to `box`); with `sources`, exchange replicas.
 
         Each chunk of the packed buffer is sent as soon as it is complete, so the transfer overlaps the
@@ -233,7 +334,10 @@ class ShardStore:
             box.append(taken)
             raise
         box.append(taken)
-        if exchange is not None:
+        if exchange is not None and not wait:
+            exchange.send_ready(own.numel())
+            self.inflight = InFlight(exchange, spares)
+        elif exchange is not None:
             try:
                 exchange.finish()
             finally:

@@ -94,7 +94,8 @@ class ElasticWorker:
         self.worker_id = worker_id
         self.node_id = node_id
         self.checkpointer = checkpointer
-        self.snapshots = SnapshotHolder(config.snapshot, config.shard_replicas, config.shard_replica_every)
+        self.snapshots = SnapshotHolder(config.snapshot, config.shard_replicas, config.shard_replica_every,
+                                        config.shard_replica_overlap)
         self._lock = threading.Lock()
         self._round_id = -1
         self._group: GroupHandle | None = None

@@ -176,3 +176,36 @@ def test_row17_drained_node_of_a_sharded_run_leaves_its_shards_in_memory(cluster
     assert trace.redone() == 0, "the drained rank's shards of the last commit were in its neighbour's replica"
     _check_log(result, steps)
     no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_overlapped_replicas_cost_at_most_the_last_commit_and_resizes_none(cluster, no_leaks, trace, tmp_path):
+    """shard_replica_overlap=True on 3 nodes: rank 1 SIGKILLs itself right after a commit returned, its replica
+    possibly still in flight. The survivors rebuild that commit or the one before (at most 1 step redone), bitwise,
+    from memory; its replacement then joins at a commit whose replicas went synchronously: 0 redone there."""
+    ensure_nodes(cluster, 3)
+    triggers = trace.dir / "triggers"
+    triggers.mkdir()
+    faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
+                                                      "faults": faults},
+                        min_nodes=2, max_nodes=3, max_restarts=1, shard_replica_overlap=True)
+    formed = _trained_at(run, trace, world_size=3, steps=2)
+    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 3
+                       and e["data"]["cause"] == "scale-up")
+    request_fault(str(triggers), "kill", 1)
+    shrunk = run.wait_for("round_formed", world_size=2, cause="restart")
+    grown = run.wait_for("round_formed", count=grown_before + 1, world_size=3, cause="scale-up", timeout_s=120)
+    steps = trace.stop_at(trace.commits()[-1].step + 6)
+    result = run.join()
+    kill = trace.fired()[0]
+    restores = {r["round"]: r for r in read_restores(str(trace.dir))}
+    shrink, grow = restores[shrunk["round_id"]], restores[grown["round_id"]]
+    assert shrink["source"] == "memory" and shrink["step"] in (kill.step, kill.step - 1), (kill, shrink)
+    last_before_grow = max(c.step for c in trace.commits() if c.wall < grown["time"])
+    assert grow["source"] == "memory" and grow["step"] == last_before_grow, "the resize lost no committed step"
+    _exact(list(restores.values()))
+    assert trace.redone() == kill.step - shrink["step"] <= 1
+    before = {m["pid"] for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]} - {kill.pid}
+    assert before <= {v["pid"] for v in result.return_values}, "survivors were never restarted"
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())

@@ -114,6 +114,7 @@ def test_memory_verdict_names_the_smallest_world_that_fits():
     ("shard_replicas", -1, "shard_replicas must be >= 0"),
     ("shard_replicas", 1.0, "shard_replicas must be an int"),
     ("shard_replica_every", 0, "shard_replica_every must be >= 1"),
+    ("shard_replica_overlap", "yes", "shard_replica_overlap must be True or False"),
 ])
 def test_run_rejects_bad_shard_settings_before_any_actor_starts(field, value, message):
     import ray_elastic
