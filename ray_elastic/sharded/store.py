@@ -219,17 +219,23 @@ class ShardStore:
                 comm.agree(False, info.group)
         except BaseException:
             if box:  # keep this commit beside the previous one: restore decides which is whole
-                box[-1].replicas = {k: spares[k] for k in received}
-                self.pending = box[-1]
-                self._recycle([b for k, b in spares.items() if k not in received])
+                self._keep_pending(box[-1], spares, received)
             raise
         if box:
             box[-1].replicas = {k: spares[k] for k in received}
-            if self.current is not None:
-                self._recycle(self.current.buffers())
-            self.current = box[-1]
+            self._replace_current(box[-1])
         self.commit_id = commit_id
         return stop
+
+    def _keep_pending(self, taken: Generation, spares: dict[int, torch.Tensor], received: set[int]) -> None:
+        taken.replicas = {k: spares[k] for k in received}
+        self.pending = taken
+        self._recycle([b for k, b in spares.items() if k not in received])
+
+    def _replace_current(self, generation: Generation) -> None:
+        if self.current is not None:
+            self._recycle(self.current.buffers())
+        self.current = generation
 
     def _commit_overlapped(self, items: ShardedItems, attrs: dict[str, Any], stop_requested: Callable[[], bool],
                            commit_id: int, info: RoundInfo, sources: list[int], due: bool) -> bool:
@@ -237,9 +243,8 @@ class ShardStore:
         self.land()
         stop = comm.agree(stop_requested(), info.group)
         if self.pending is not None:  # every rank's transfer of it landed: it is whole everywhere
-            if self.current is not None:
-                self._recycle(self.current.buffers())
-            self.current, self.pending = self.pending, None
+            self._replace_current(self.pending)
+            self.pending = None
         if stop or due:
             box: list[Generation] = []
             received: set[int] = set()
@@ -250,16 +255,13 @@ class ShardStore:
                     comm.agree(False, info.group)
             except BaseException:
                 if box:
-                    box[-1].replicas = {k: spares[k] for k in received}
-                    self.pending = box[-1]
+                    self._keep_pending(box[-1], spares, received)
                 raise
             if stop:
                 box[-1].replicas = {k: spares[k] for k in received}
-                if self.current is not None:
-                    self._recycle(self.current.buffers())
-                self.current = box[-1]
+                self._replace_current(box[-1])
             else:
-                self.pending = box[-1]
+                self.pending = box[-1]  # its replicas arrive in flight (land)
         self.commit_id = commit_id
         return stop
 

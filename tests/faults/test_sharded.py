@@ -43,22 +43,30 @@ def _trained_at(run, trace, world_size: int, steps: int) -> dict:
     return formed
 
 
-def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path):
-    """4 nodes; rank 2 SIGKILLs itself right after a commit returned (the worst moment: that commit's shard
-    of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
-    resharded 4 -> 3 from their shards and rank 2's replica; 0 steps redone. Its replacement then joins
-    (3 -> 4), resharded from memory, the survivors not restarted."""
-    ensure_nodes(cluster, 4)
+def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, **run_kwargs):
+    """A run of fsdp_train on `nodes` nodes (min one less), trained 2 steps at full size, and rank `victim` told
+    to SIGKILL itself at its next fault check (right after a commit returned). Returns the run, the full-size
+    round_formed event, and how many scale-ups to full size came before the kill (it may start one node short)."""
+    ensure_nodes(cluster, nodes)
     triggers = trace.dir / "triggers"
     triggers.mkdir()
     faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
                                                       "faults": faults},
-                        min_nodes=3, max_nodes=4, max_restarts=1)
-    formed = _trained_at(run, trace, world_size=4, steps=2)
-    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 4
-                       and e["data"]["cause"] == "scale-up")  # the run may have started at 3 and grown once
-    request_fault(str(triggers), "kill", 2)  # fires at its next check: right after a commit returned
+                        min_nodes=nodes - 1, max_nodes=nodes, max_restarts=1, **run_kwargs)
+    formed = _trained_at(run, trace, world_size=nodes, steps=2)
+    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == nodes
+                       and e["data"]["cause"] == "scale-up")
+    request_fault(str(triggers), "kill", victim)
+    return run, formed, grown_before
+
+
+def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path):
+    """4 nodes; rank 2 SIGKILLs itself right after a commit returned (the worst moment: that commit's shard
+    of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
+    resharded 4 -> 3 from their shards and rank 2's replica; 0 steps redone. Its replacement then joins
+    (3 -> 4), resharded from memory, the survivors not restarted."""
+    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 4, victim=2)
     shrunk = run.wait_for("round_formed", world_size=3, cause="restart")
     grown = run.wait_for("round_formed", count=grown_before + 1, world_size=4, cause="scale-up", timeout_s=120)
     steps = trace.stop_at(trace.commits()[-1].step + 8)
@@ -182,17 +190,7 @@ def test_overlapped_replicas_cost_at_most_the_last_commit_and_resizes_none(clust
     """shard_replica_overlap=True on 3 nodes: rank 1 SIGKILLs itself right after a commit returned, its replica
     possibly still in flight. The survivors rebuild that commit or the one before (at most 1 step redone), bitwise,
     from memory; its replacement then joins at a commit whose replicas went synchronously: 0 redone there."""
-    ensure_nodes(cluster, 3)
-    triggers = trace.dir / "triggers"
-    triggers.mkdir()
-    faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
-    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
-                                                      "faults": faults},
-                        min_nodes=2, max_nodes=3, max_restarts=1, shard_replica_overlap=True)
-    formed = _trained_at(run, trace, world_size=3, steps=2)
-    grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 3
-                       and e["data"]["cause"] == "scale-up")
-    request_fault(str(triggers), "kill", 1)
+    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 3, victim=1, shard_replica_overlap=True)
     shrunk = run.wait_for("round_formed", world_size=2, cause="restart")
     grown = run.wait_for("round_formed", count=grown_before + 1, world_size=3, cause="scale-up", timeout_s=120)
     steps = trace.stop_at(trace.commits()[-1].step + 6)
