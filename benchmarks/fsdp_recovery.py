@@ -5,7 +5,8 @@ SGD + momentum, gloo, CPU) runs on `--workers` ranks under each system:
 
 - ray_elastic: one rank per simulated node, `State.commit()` every step (its local shards
   plus one replica on the next node), min_nodes = workers - 1: survivors re-form at once
-  and rebuild the last commit resharded from memory; the replacement joins later;
+  and rebuild the last commit resharded from memory; the replacement joins later
+  (`ray_elastic_overlap`: the same with `shard_replica_overlap=True`);
 - torchrun --standalone: a synchronous `dcp.save` every step; on a failure torchrun kills
   every rank, starts them again, and they `dcp.load` the newest checkpoint. torch 2.13's
   restarted ranks read a dead rank's old gloo address from the store and fail to form their
@@ -78,9 +79,12 @@ class Kill:
 class FsdpElastic(ElasticLauncher):
     name = "ray_elastic (FSDP2, commit + replica every step)"
 
-    def __init__(self, workers: int, restarts: int, shape: dict[str, Any]):
+    def __init__(self, workers: int, restarts: int, shape: dict[str, Any], overlap: bool = False):
         super().__init__(workers, max(1, workers - 1), workers, restarts, 0.0, 1_000_000)
         self.shape = shape
+        self.overlap = overlap
+        if overlap:
+            self.name = "ray_elastic (FSDP2, commit every step, replica overlapped with the next step)"
 
     def start(self, log_dir: Path) -> None:
         from ray import cloudpickle
@@ -94,7 +98,8 @@ class FsdpElastic(ElasticLauncher):
         config = {**self.shape, "log_dir": str(log_dir)}
         self.runner = InThread(lambda: ray_elastic.run(
             fsdp_elastic_train, config=config, min_nodes=self.min_nodes, max_nodes=self.max_nodes,
-            max_restarts=self.restarts, progress="none", event_log_path=str(log_dir / "events.jsonl")))
+            max_restarts=self.restarts, progress="none", event_log_path=str(log_dir / "events.jsonl"),
+            shard_replica_overlap=self.overlap))
 
 
 class FsdpTorchrun(TorchrunStandalone):
@@ -176,7 +181,7 @@ def measure(logs: StepLogs, launcher: Any, rank: int, workers: int, timeout_s: f
 
 def run_system(launcher: Any, args: argparse.Namespace, root: Path) -> list[Kill]:
     kills: list[Kill] = []
-    log_dir = root / launcher.name.split()[0].replace("/", "_")
+    log_dir = root / launcher.name.replace("/", "_").replace(" ", "_")
     log_dir.mkdir(exist_ok=True)
     logs = StepLogs(log_dir)
     log(f"{launcher.name}: starting")
@@ -240,6 +245,7 @@ def main() -> None:
     parser.add_argument("--ray-train-poll-s", type=float, default=0.2)
     parser.add_argument("--json", default=None, help="also write the kills here (to merge runs of single systems)")
     parser.add_argument("--merge", nargs="*", default=None, help="print one report from these --json files")
+    parser.add_argument("--keep", action="store_true", help="keep the step logs and event logs (printed path)")
     args = parser.parse_args()
     if args.merge:
         merged: dict[str, list[Kill]] = {}
@@ -256,10 +262,12 @@ def main() -> None:
     started = time.monotonic()
     header = machine_line()
     results: dict[str, list[Kill]] = {}
-    with workdir("ray_elastic-fsdp-recovery-", False) as tmp:
+    with workdir("ray_elastic-fsdp-recovery-", args.keep) as tmp:
         root = Path(tmp)
+        log(f"logs in {root}")
         makers = {
             "ray_elastic": lambda: FsdpElastic(args.workers, restarts, shape),
+            "ray_elastic_overlap": lambda: FsdpElastic(args.workers, restarts, shape, overlap=True),
             "torchrun": lambda: FsdpTorchrun(args.workers, restarts, shape, root / "torchrun-dcp"),
             "torchrun_fresh_store": lambda: FsdpTorchrun(args.workers, restarts, shape, root / "torchrun-fs-dcp",
                                                          fresh_store=True),
