@@ -14,6 +14,12 @@ round (publishing a durable checkpoint), the worker waits for two more probes:
 the one the coordinator sent before losing patience may still arrive after a
 wake-up, a second one only comes if it still counts the worker in. If they do not
 come, the worker raises `RoundFenced` and leaves the round without writing.
+
+For the same reason, the first answer after a silence of that length renews nothing:
+it may be that late probe, answered by another thread just before the training thread
+reaches its fence (seen in CI: a woken worker published a checkpoint into a re-formed
+run). Only a second answer, which the coordinator sends only after reading the first
+(one probe in flight per worker), makes the lease fresh again.
 """
 
 from __future__ import annotations
@@ -51,22 +57,26 @@ class Lease:
         self._cond = threading.Condition()
         self._round_id = -1
         self._renewed = float("-inf")
+        self._answered = float("-inf")  # the last answer, fresh or not
         self._answers = 0
 
     def begin(self, round_id: int) -> None:
         """The coordinator just started this worker's part in `round_id`: a fresh lease."""
         with self._cond:
             self._round_id = round_id
-            self._renewed = self._clock()
+            self._renewed = self._answered = self._clock()
             self._answers = 0
             self._cond.notify_all()
 
     def renew(self, round_id: int) -> None:
-        """A probe of `round_id` is being answered."""
+        """A probe of `round_id` is being answered; it renews the lease unless it ends a long silence."""
         with self._cond:
             if round_id != self._round_id:
                 return
-            self._renewed = self._clock()
+            now = self._clock()
+            if now - self._answered < self.timeout_s * FRESH_SHARE:
+                self._renewed = now
+            self._answered = now
             self._answers += 1
             self._cond.notify_all()
 

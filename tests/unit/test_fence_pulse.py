@@ -56,6 +56,30 @@ def test_expired_lease_with_one_late_probe_only_is_fenced():
         lease.check(3, "publish")
 
 
+def test_a_late_probe_answered_before_the_check_renews_nothing():
+    """The worker wakes; another thread answers the probe sent before the coordinator gave up, and only then
+    does the training thread reach its fence (CI: the woken worker published into the re-formed run)."""
+    lease = Lease(timeout_s=0.2, confirm_s=0.5)
+    lease.begin(3)
+    time.sleep(0.3)
+    lease.renew(3)
+    with pytest.raises(RoundFenced, match="most likely left this worker behind"):
+        lease.check(3, "publish")
+
+
+def test_probes_answered_in_a_row_after_a_silence_renew_the_lease():
+    """A busy worker (kept by the coordinator) answers again: the second answer in a row makes it fresh."""
+    lease = Lease(timeout_s=0.2, confirm_s=0.5)
+    lease.begin(3)
+    time.sleep(0.3)
+    lease.renew(3)
+    time.sleep(0.05)
+    lease.renew(3)
+    started = time.monotonic()
+    lease.check(3, "publish")
+    assert time.monotonic() - started < 0.1
+
+
 def test_a_round_that_is_no_longer_the_workers_is_fenced():
     lease = Lease(timeout_s=2.0, confirm_s=1.0)
     lease.begin(4)
