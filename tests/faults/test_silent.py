@@ -51,6 +51,13 @@ def _members(name: str) -> list[int]:
     return ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
 
 
+def _committed_in(trace, run, round_id: int, steps: int = 3):
+    """Rank 0's commit after `steps` commits of round `round_id`: every rank has formed the round's group by then
+    (a node frozen while a newcomer still connects to it is left behind only by the abort timeout)."""
+    return _wait(lambda: ([c for c in trace.commits() if c.round_id == round_id][steps - 1:] or [None])[0]
+                 if run.alive() else None, 90, f"round {round_id} did not commit {steps} steps")
+
+
 def _events(run, kind: str) -> list[dict]:
     return [e for e in run.events() if e["kind"] == kind]
 
@@ -77,8 +84,8 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
                         min_nodes=2, max_nodes=3, max_restarts=2, name=name)
     frozen = []
     try:
-        run.wait_for("round_formed", world_size=3)
-        rank0 = trace.wait_for_step(3, alive=run.alive)
+        full = run.wait_for("round_formed", world_size=3)
+        rank0 = _committed_in(trace, run, full["round_id"])  # mid-step, not while the round forms
         # (a) Mid-step: whatever the victim's worker is doing right now.
         victim = next(pid for pid in _members(name) if pid != rank0.pid)
         node = _node_of(cluster, victim)
@@ -87,14 +94,14 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
         cluster.freeze_node(node)
         run.wait_for("worker_lost", timeout_s=60)
         alive_when_left = _alive_in_ray(cluster, node)
-        first = _wait(lambda: trace.first_commit_after(frozen_at), 60, "no step committed after the freeze")
+        _wait(lambda: trace.first_commit_after(frozen_at), 60, "no step committed after the freeze")
         cluster.thaw_node(node)
         assert DeathWatch(victim).wait(15) is not None, "the woken worker was killed (Ray's kill landed)"
         # The thawed node comes back with a new worker and rejoins at a commit (a scale-up, free).
-        run.wait_for("round_formed", count=2, world_size=3, timeout_s=90)
+        regrown = run.wait_for("round_formed", count=2, world_size=3, timeout_s=90)
         # (b) The survivors are waiting in a collective: rank 1 stops itself before its step, the others
         # go on into the backward all-reduce and wait there; then its whole node is frozen.
-        trace.wait_for_step(first.step + 10, alive=run.alive)
+        _committed_in(trace, run, regrown["round_id"])
         request_fault(str(trace.dir), "hang", rank=1)
         fired = _wait(lambda: trace.fired(), 60, "rank 1 did not stop")[0]
         second = _node_of(cluster, fired.pid)
