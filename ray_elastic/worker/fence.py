@@ -17,7 +17,7 @@ come, the worker raises `RoundFenced` and leaves the round without writing.
 
 For the same reason, the first answer after a silence of that length renews nothing:
 it may be that late probe, answered by another thread just before the training thread
-reaches its fence (seen in CI: a woken worker published a checkpoint into a re-formed
+reaches its fence (seen in a full test run: a woken worker published a checkpoint into a re-formed
 run). Only a second answer, which the coordinator sends only after reading the first
 (one probe in flight per worker), makes the lease fresh again.
 """
