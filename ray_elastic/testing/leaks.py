@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 
@@ -59,13 +60,38 @@ def _titled_processes(raylet_pids: set[int] | None = None) -> list[int]:
     return found
 
 
-def listening_ports(ports: Iterable[int]) -> list[int]:
-    """Those of `ports` that a TCP socket on this machine still listens on."""
+def listening_ports(ports: Iterable[int]) -> dict[int, set[int | None]]:
+    """Those of `ports` that a TCP socket on this machine still listens on, each with its owners' pids (None
+    where an owner cannot be seen)."""
     wanted = set(ports)
-    if not wanted:
-        return []
-    bound = {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr}
-    return sorted(wanted & bound)
+    owners: dict[int, set[int | None]] = {}
+    if wanted:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in wanted:
+                owners.setdefault(conn.laddr.port, set()).add(conn.pid)
+    return owners
+
+
+def _could_be_the_runs(pid: int | None, run_pids: set[int]) -> bool:
+    """Whether a listener owned by `pid` may be one the run left: its own processes, this process (a driver-side
+    store) or an owner that cannot be seen. Ray's own processes (raylets, agents, idle workers) bind ephemeral
+    ports all the time, so one of them listening on a number a finished run's store once had is reuse."""
+    if pid is None or pid in run_pids or pid == os.getpid():
+        return True
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+    return any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES)
+
+
+def port_leaks(ports: Iterable[int], run_pids: set[int]) -> list[str]:
+    """Those of the run's store `ports` that the run (or this process) still listens on."""
+    return [
+        f"port {port} still listening (pids {sorted(owners, key=str)})"
+        for port, owners in sorted(listening_ports(ports).items())
+        if any(_could_be_the_runs(owner, run_pids) for owner in owners)
+    ]
 
 
 def find_leaks(
@@ -80,7 +106,7 @@ def find_leaks(
         leaks += [f"placement group {p.get('name')} {p.get('state')}" for p in live_run_placement_groups()]
         pids = set(worker_pids) | set(_titled_processes(raylet_pids))
         leaks += [f"worker process {pid}" for pid in sorted(pids) if _alive(pid)]
-        leaks += [f"port {port} still listening" for port in listening_ports(ports)]
+        leaks += port_leaks(ports, pids)
         if not leaks or time.monotonic() >= deadline:
             return leaks
         time.sleep(0.2)
