@@ -6,7 +6,6 @@ methods (`probe`, `request_stop`, `abort`) answer while `run_round` trains.
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import inspect
 import os
@@ -25,7 +24,7 @@ from ray_elastic.pulse import PulseServer
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
 from ray_elastic.worker.fence import FencedCheckpointer, Lease
-from ray_elastic.worker.process_group import GroupHandle, is_communication_error
+from ray_elastic.worker.process_group import GroupHandle, connect_round_store, is_communication_error
 
 
 def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
@@ -250,12 +249,8 @@ class ElasticWorker:
         session.last_committed_step = self._last_step()
         store = None
         try:
-            store = dist.TCPStore(
-                spec.store_host,
-                spec.store_port,
-                is_master=False,
-                timeout=datetime.timedelta(seconds=max(30.0, self.config.abort_timeout_s)),
-            )
+            store = connect_round_store(spec.store_host, spec.store_port, max(30.0, self.config.abort_timeout_s),
+                                        aborted=lambda: spec.round_id in self._aborted)
             group = None if not self.config.init_process_group else GroupHandle(
                 self.config.worker_backend,
                 dist.PrefixStore(f"{spec.store_prefix}/round{spec.round_id}", store),

@@ -22,6 +22,8 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,48 @@ import torch.distributed as dist
 from ray_elastic.netbind import is_wildcard
 
 logger = logging.getLogger("ray_elastic")
+
+STORE_CONNECT_ATTEMPT_S = 0.5  # how long one connection attempt to a round's store may retry
+
+
+def _restart_group_names() -> None:
+    """Make this round's default group the process's first group, named as on every other rank.
+
+    torch names a new group after a per-process counter (gloo publishes its addresses under that name) and resets
+    the counter only when a default group is destroyed. After a round whose group creation failed (its store
+    closed by an abort) the counter stays raised: this rank would name the next default group "1", a newcomer
+    "0", and both would wait for the other's addresses until the collective timeout.
+    """
+    world = dist.distributed_c10d._world  # type: ignore[attr-defined]
+    if not dist.is_initialized() and hasattr(world, "group_count"):
+        world.group_count = 0
+
+
+class RoundAborted(RuntimeError):
+    """The round was aborted before this rank reached it."""
+
+
+def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callable[[], bool]) -> dist.TCPStore:
+    """A client of the round's store (with `timeout_s` for its operations) that stops trying once `aborted()`.
+
+    TCPStore's client retries a refused or reset connection for its whole timeout. An abort closes the round's
+    store; a rank still connecting to it would otherwise stay there past the abort timeout and be killed with
+    the commit it holds. So it connects in short attempts and checks `aborted()` between them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if aborted():
+            raise RoundAborted(f"round aborted while connecting to its store at {host}:{port}")
+        attempt = max(0.05, min(STORE_CONNECT_ATTEMPT_S, deadline - time.monotonic()))
+        try:
+            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt))
+            break
+        except RuntimeError:  # DistNetworkError, DistStoreError: refused, reset, timed out
+            if time.monotonic() >= deadline:
+                raise
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return store
+
 
 _COMM_ERROR_MARKERS = (
     "connection closed",
@@ -138,6 +182,7 @@ class GroupHandle:
         kwargs = {}
         if device_id is not None:
             kwargs["device_id"] = device_id
+        _restart_group_names()
         dist.init_process_group(
             backend,
             store=store,

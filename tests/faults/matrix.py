@@ -96,6 +96,21 @@ class Trace:
             time.sleep(0.05)
         raise AssertionError(f"step {step} was not committed within {timeout_s}s; trace: {self.commits()[-3:]}")
 
+    def wait_for_round_commits(self, round_id: int, steps: int = 3, timeout_s: float = 90.0,
+                               alive: Any = None) -> Commit:
+        """Rank 0's commit after `steps` commits of round `round_id`: every rank has formed the round's group by
+        then (a rank lost while a newcomer still connects its group is left behind only by the abort timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [c for c in self.commits() if c.round_id == round_id][steps - 1:]
+            if done:
+                return done[0]
+            if alive is not None and not alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"round {round_id} did not commit {steps} steps within {timeout_s}s; "
+                             f"trace: {self.commits()[-3:]}")
+
     def wait_for_commit_after(self, fault_time: float, timeout_s: float = 120.0, alive: Any = None) -> Commit:
         """Block until a step was committed in a round later than the one `fault_time` hit."""
         deadline = time.monotonic() + timeout_s

@@ -51,13 +51,6 @@ def _members(name: str) -> list[int]:
     return ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
 
 
-def _committed_in(trace, run, round_id: int, steps: int = 3):
-    """Rank 0's commit after `steps` commits of round `round_id`: every rank has formed the round's group by then
-    (a node frozen while a newcomer still connects to it is left behind only by the abort timeout)."""
-    return _wait(lambda: ([c for c in trace.commits() if c.round_id == round_id][steps - 1:] or [None])[0]
-                 if run.alive() else None, 90, f"round {round_id} did not commit {steps} steps")
-
-
 def _events(run, kind: str) -> list[dict]:
     return [e for e in run.events() if e["kind"] == kind]
 
@@ -85,7 +78,7 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
     frozen = []
     try:
         full = run.wait_for("round_formed", world_size=3)
-        rank0 = _committed_in(trace, run, full["round_id"])  # mid-step, not while the round forms
+        rank0 = trace.wait_for_round_commits(full["round_id"], alive=run.alive)  # mid-step, not while the round forms
         # (a) Mid-step: whatever the victim's worker is doing right now.
         victim = next(pid for pid in _members(name) if pid != rank0.pid)
         node = _node_of(cluster, victim)
@@ -101,7 +94,7 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
         regrown = run.wait_for("round_formed", count=2, world_size=3, timeout_s=90)
         # (b) The survivors are waiting in a collective: rank 1 stops itself before its step, the others
         # go on into the backward all-reduce and wait there; then its whole node is frozen.
-        _committed_in(trace, run, regrown["round_id"])
+        trace.wait_for_round_commits(regrown["round_id"], alive=run.alive)
         request_fault(str(trace.dir), "hang", rank=1)
         fired = _wait(lambda: trace.fired(), 60, "rank 1 did not stop")[0]
         second = _node_of(cluster, fired.pid)

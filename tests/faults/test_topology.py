@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
+import ray
 
 import ray_elastic
+from ray_elastic.api import coordinator_name
 from tests.cluster.background import BackgroundRun
 from tests.faults.matrix import check_run, detection_s, ensure_nodes, timeline
 from tests.workloads import ddp_train
@@ -84,6 +88,40 @@ def test_row5_nodes_join_at_a_commit_never_above_max_and_free(cluster, no_leaks,
     assert all(d == restored[0] for d in restored), "newcomer's model+optimizer state equals survivors'"
     assert any(x != 0.0 for x in restored[0])
     assert trace.redone() == 0, "a scale-up loses no committed step"
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row5_newcomer_lost_as_its_first_round_forms_costs_the_survivors_nothing(cluster, no_leaks, trace, tmp_path):
+    """Row 5's join, with the joining worker SIGKILLed as soon as it is ready: the round that admits it forms
+    with a dead member and is aborted while the survivors still connect to its store (closed by the abort).
+    They leave that round at once, not after the abort timeout (which kills them with the commit they hold),
+    restore the commit from memory and go on; the dead newcomer's replacement joins later."""
+    ensure_nodes(cluster, 2)
+    name = f"doomed-join-{time.time_ns()}"
+    run = BackgroundRun(tmp_path, ddp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
+                        min_nodes=2, max_nodes=3, max_restarts=1, name=name)
+    run.wait_for("round_formed")
+    trace.wait_for_step(3, alive=run.alive)
+    coordinator = ray.get_actor(coordinator_name(name))
+    survivors = set(ray.get(coordinator.worker_pids.remote()))
+    cluster.add_node()
+    deadline = time.monotonic() + NODE_START_BOUND_S
+    while not (newcomer := set(ray.get(coordinator.worker_pids.remote())) - survivors):
+        assert time.monotonic() < deadline and run.alive(), "the new node's worker never became ready"
+        time.sleep(0.01)
+    os.kill(newcomer.pop(), signal.SIGKILL)
+    run.wait_for("round_formed", cause="scale-up", count=2, world_size=3, timeout_s=NODE_START_BOUND_S)
+    steps = trace.stop_at(trace.commits()[-1].step + 10)
+    result = run.join()
+    check_run(result, steps, restarts=1, trace=trace)
+    (restart,) = [e for e in result.events if e.kind == "restart"]
+    assert len(restart.data["causes"]) == 1, restart.message  # the newcomer only: no survivor was killed as hung
+    assert survivors <= {v["pid"] for v in result.return_values}, "the survivors kept their processes"
+    after = [r for r in result.rounds if r.cause == "restart"][0].round_id
+    assert all(v["restores"][-1][1] in ("memory", "peer") for v in result.return_values)
+    assert all(dict((r, how) for r, how, _ in v["restores"]).get(after) == "memory"
+               for v in result.return_values if v["pid"] in survivors), "the commit came back from memory"
+    assert trace.redone() == 0, "the survivors left at a commit: nothing redone"
     no_leaks(result.worker_pids, ports=trace.ports())
 
 

@@ -1,0 +1,46 @@
+"""Connecting to a round's store gives up at once when the round is aborted (a closed store is retried otherwise)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from ray_elastic.worker.process_group import RoundAborted, connect_round_store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connects_to_a_live_store_with_the_full_timeout():
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    client = connect_round_store("127.0.0.1", server.port, 30.0, aborted=lambda: False)
+    assert client.timeout == datetime.timedelta(seconds=30)
+    client.set("key", "value")
+    assert server.get("key") == b"value"
+
+
+def test_an_abort_ends_the_retries_on_a_closed_store_within_one_attempt():
+    aborted = threading.Event()
+    threading.Timer(0.3, aborted.set).start()
+    started = time.monotonic()
+    with pytest.raises(RoundAborted, match="aborted while connecting"):
+        connect_round_store("127.0.0.1", _closed_port(), 30.0, aborted=aborted.is_set)
+    assert time.monotonic() - started < 2.5  # TCPStore's own client would retry for the whole 30 s
+
+
+def test_without_an_abort_a_closed_store_fails_after_the_timeout():
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as raised:
+        connect_round_store("127.0.0.1", _closed_port(), 2.0, aborted=lambda: False)
+    assert not isinstance(raised.value, RoundAborted)
+    assert 1.5 < time.monotonic() - started < 6.0
