@@ -28,7 +28,7 @@ def _rank(rank: int, store_port: int, out: mp.Queue) -> None:
         try:
             GroupHandle("gloo", dist.PrefixStore("secret/round0", store), 0, 2, 1.0)
         except RuntimeError:
-            pass
+            out.put((rank, "round 0 failed"))
         else:
             out.put((rank, "round 0 formed without its peer"))
             return
@@ -50,7 +50,7 @@ def test_a_rank_whose_group_creation_failed_forms_the_next_round_with_a_newcomer
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(0, server.port, out))]
     procs[0].start()
-    time.sleep(4.0)  # rank 0's first round has failed by now; rank 1 arrives only for the next one
+    assert out.get(timeout=30) == (0, "round 0 failed")  # rank 1 arrives only for the next round
     procs.append(ctx.Process(target=_rank, args=(1, server.port, out)))
     procs[1].start()
     results = dict(out.get(timeout=60) for _ in procs)
