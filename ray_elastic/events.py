@@ -23,8 +23,9 @@ class Event:
     deadline (epoch seconds or None) and path: "commit" (left at the next
     commit), "crash" (too close to the deadline: dropped as a crash),
     "withdrawn", or "handover" (a drained worker handed the last commit to
-    the next round: `to`, `ok`)); and, sent by a worker, restored_from_storage
-    (sharded state whose shards and replicas were lost).
+    the next round: `to`, `ok`)); commit_lost (no member of a new round holds a
+    commit although the run committed: `step`, `from_storage`); and, sent by a
+    worker, restored_from_storage (sharded state whose shards and replicas were lost).
     """
 
     kind: str

@@ -16,7 +16,9 @@ import time
 import warnings
 from typing import Any
 
-_BAR_EVENTS = ("round_formed", "restart", "scale_up", "scale_down", "drain", "waiting", "failed", "aborted")
+_BAR_EVENTS = (
+    "round_formed", "restart", "scale_up", "scale_down", "drain", "waiting", "commit_lost", "failed", "aborted",
+)
 
 
 def in_notebook() -> bool:

@@ -313,6 +313,7 @@ class Controller(DrainSteps, SilenceMixin):
             joined=joined,
             left=left,
         )
+        self._say_if_the_commit_was_lost(plan)
         started = self.clock()
         members = plan.worker_ids
         return Running(
@@ -322,6 +323,20 @@ class Controller(DrainSteps, SilenceMixin):
             progress_count={w: -1 for w in members},
             liveness=Liveness(),  # nothing outstanding: the first probes go out with the next heartbeat
         )
+
+    def _say_if_the_commit_was_lost(self, plan: RoundPlan) -> None:
+        """A `commit_lost` event when the run committed but no member of the new round ever did: the last commit
+        went with the workers that held it (all lost at once, or killed), so State loads storage or starts over."""
+        committed = [step for step in self.last_step.values() if step is not None]
+        if not committed or any(self.last_step.get(w) is not None for w in plan.worker_ids):
+            return
+        step = max(committed)
+        then = ("State loads the newest durable checkpoint; the steps after it are redone" if self.config.storage_path
+                else "no storage_path is set, so State starts from the initial state again (step 0); set "
+                     "storage_path= to keep durable checkpoints")
+        message = (f"round {plan.round_id}: no member holds a commit; the last one (step {step}) went with the "
+                   f"workers that held it; {then}")
+        self._emit("commit_lost", message, step=step, from_storage=bool(self.config.storage_path))
 
     def _record_reports(self, plan: RoundPlan, worker_id: str, reports: list[tuple[float, dict[str, Any]]]) -> None:
         """Keep rank 0's reports: the latest as `metrics`, all of them as history; events of any rank as events."""

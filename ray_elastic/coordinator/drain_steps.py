@@ -71,6 +71,8 @@ class DrainSteps:
         left = notice.remaining_s(now) if notice is not None else 0.0
         timeout = max(1.0, min(left, 600.0) - self.config.drain_margin_s)
         done = self.group.hand_over(source, target, timeout)
+        if done:  # the target holds the commit now (see `_say_if_the_commit_was_lost`)
+            self.last_step[target] = self.last_step.get(source)
         self._emit("drain", f"node {held[0].node_id[:12]} (drained) handed the last commit over to node "
                    f"{chosen[0].node_id[:12]}" + ("" if done else ": failed; the new round starts without it"),
                    node_id=held[0].node_id, to=chosen[0].node_id, path="handover", ok=done)

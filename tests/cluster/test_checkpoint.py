@@ -71,6 +71,8 @@ def test_losing_every_worker_restores_from_storage(cluster, no_leaks, tmp_path):
     assert result.restarts == 1
     assert {v["restored_from"] for v in result.return_values} == {"storage"}
     assert not set(worker_pids) & {v["pid"] for v in result.return_values}, "all ranks are replacements"
+    [lost] = [e for e in result.events if e.kind == "commit_lost"]
+    assert lost.data["from_storage"] and lost.data["step"] >= 5, lost.message
     no_leaks(result.worker_pids)
 
 

@@ -287,6 +287,23 @@ def test_dead_worker_is_killed_and_its_replacement_joins_later():
     assert node_ids(group) == ["node-0001", "node-0002"]
     assert group.plans[2].worker_ids[2:] == ["node-0002/0", "node-0002/1~1"]
     assert controller.restarts == 1 and events(controller, "scale_up")
+    assert not events(controller, "commit_lost"), "the survivors hold the commit"
+
+
+@pytest.mark.parametrize("storage_path", [None, "/runs"])
+def test_losing_every_worker_that_held_the_commit_is_said_in_an_event(storage_path):
+    controller, group = make(nodes=2, storage_path=storage_path)
+    run_round(controller, group, 0)
+    for worker in group.members:
+        group.progress(worker, step=7)
+    step_until(controller, lambda: all(controller.last_step.get(w) == 7 for w in group.plans[0].worker_ids))
+    for worker in group.plans[0].worker_ids:
+        group.die(worker)
+    run_round(controller, group, 1)
+    [lost] = events(controller, "commit_lost")
+    assert lost.round_id == 1 and lost.data == {"step": 7, "from_storage": storage_path is not None}
+    assert "the last one (step 7) went with the workers that held it" in lost.message
+    assert ("set storage_path=" in lost.message) is (storage_path is None), lost.message
 
 
 def test_stalled_worker_is_aborted_killed_and_blamed():
