@@ -17,10 +17,12 @@ import errno
 import logging
 import socket
 import time
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from ray_elastic.netbind import listening_socket, loopback_for
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 logger = logging.getLogger("ray_elastic")
 
@@ -48,6 +50,8 @@ class RoundStore:
     """
 
     def __init__(self, host: str, timeout_s: float = 60.0, port: int = 0):
+        import torch.distributed as dist  # here, not at import: the coordinator starts without torch
+
         self.host = host
         local = host  # where this process's own client of the store connects
         try:
