@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
+import torch
+
 from ray_elastic.checkpoint_checks import (  # noqa: F401 - MANIFEST, STATE_FILE are this module's names too
     MANIFEST,
     STATE_FILE,
@@ -303,8 +305,6 @@ class Checkpointer:
             before_publish: called once the data is written, before the checkpoint replaces
                 anything in the run directory; raising there abandons the write (a fenced worker).
         """
-        import torch
-
         commit_id = int(payload["commit_id"])
         final = self.run_dir / checkpoint_dir_name(commit_id)
         tmp = self.run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ray_elastic.errors import ConfigError
 from ray_elastic.safepath import is_link, read_bytes
 
@@ -36,16 +38,12 @@ def state_file_of(manifest: dict[str, Any]) -> str:
 
 def driver_safe_globals() -> tuple:
     """What the driver allowed for weights_only loading, handed to every worker with the checkpointer."""
-    import torch
-
     get = getattr(torch.serialization, "get_safe_globals", None)
     return tuple(get()) if get is not None else ()
 
 
 def unsafe_globals(state_file: Path, safe_globals: tuple) -> list[str]:
     """Globals in a torch.save file that weights_only loading would refuse (a static scan, nothing is run)."""
-    import torch
-
     scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     allow = getattr(torch.serialization, "safe_globals", None)
     if scan is None or allow is None:  # torch < 2.5: the load itself reports them
@@ -60,8 +58,6 @@ def load_weights_only(data: bytes, path: Path, safe_globals: tuple) -> dict[str,
     Raises:
         ConfigError: it holds objects outside the weights_only allowlist, saying how to allow them.
     """
-    import torch
-
     allow = getattr(torch.serialization, "safe_globals", None)
     context = allow(list(safe_globals)) if allow is not None and safe_globals else contextlib.nullcontext()
     try:

@@ -17,12 +17,10 @@ import errno
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+
+import torch.distributed as dist
 
 from ray_elastic.netbind import listening_socket, loopback_for
-
-if TYPE_CHECKING:
-    import torch.distributed as dist
 
 logger = logging.getLogger("ray_elastic")
 
@@ -50,8 +48,6 @@ class RoundStore:
     """
 
     def __init__(self, host: str, timeout_s: float = 60.0, port: int = 0):
-        import torch.distributed as dist  # here, not at import: the coordinator starts without torch
-
         self.host = host
         local = host  # where this process's own client of the store connects
         try:

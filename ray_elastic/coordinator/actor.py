@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import threading
 from typing import Any
 
 import ray
+from ray import cloudpickle
 
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.controller import Controller, RunSummary, progress_snapshot
@@ -26,11 +26,10 @@ class Coordinator:
     """
 
     def __init__(self, config: RunConfig, train_fn_blob: bytes, checkpointer: Any = None):
-        # The first round's store needs torch.distributed, seconds from now: its import (~1 s of CPU) runs
-        # meanwhile, while the workers start, instead of before them. User code is never imported here.
-        threading.Thread(target=importlib.import_module, args=("torch.distributed",), daemon=True,
-                         name="ray_elastic-import-torch").start()
-        self.group = RayWorkerGroup(config, train_fn_blob, ray.util.get_node_ip_address(), checkpointer)
+        train_fn, train_config = cloudpickle.loads(train_fn_blob)
+        self.group = RayWorkerGroup(
+            config, train_fn, train_config, ray.util.get_node_ip_address(), checkpointer
+        )
         self.controller = Controller(
             config, self.group, EventLog(config.run_id, config.event_log_path), exporter=MetricsExporter(config.run_id)
         )

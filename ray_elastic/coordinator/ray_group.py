@@ -84,14 +84,16 @@ class RayWorkerGroup(WorkerGroup):
 
     Args:
         config: the run's configuration.
-        train_fn_blob: cloudpickled `(train_fn, train_config)`, unpickled only by the workers.
+        train_fn: the user's function (already unpickled here).
+        train_config: the value handed to train_fn.
         store_host: address of this (the coordinator's) node, where round stores listen.
         checkpointer: optional durable checkpointer handed to each worker.
     """
 
-    def __init__(self, config: RunConfig, train_fn_blob: bytes, store_host: str, checkpointer: Any = None):
+    def __init__(self, config: RunConfig, train_fn: Any, train_config: Any, store_host: str, checkpointer: Any = None):
         self.config = config
-        self.train_fn_blob = train_fn_blob
+        self.train_fn = train_fn
+        self.train_config = train_config
         self.store_host = store_host
         self.checkpointer = checkpointer
         self.nodes: dict[str, _Node] = {}
@@ -244,7 +246,7 @@ class RayWorkerGroup(WorkerGroup):
         if self.config.bundle.get("GPU"):
             options["num_gpus"] = self.config.bundle["GPU"]
         actor: Any = self._worker_cls.options(**options).remote(
-            self.config, self.train_fn_blob, worker_id, node.node_id, self.checkpointer,
+            self.config, self.train_fn, self.train_config, worker_id, node.node_id, self.checkpointer,
             prober_ip=self.store_host,
         )
         slot = _Slot(worker_id, index, actor, actor.ready.remote())

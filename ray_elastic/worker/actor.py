@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
@@ -21,10 +21,10 @@ from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, Sta
 from ray_elastic.diagnostics import FLIGHT_RECORDER_ENTRIES, collective_state, py_spy_dump, thread_stack
 from ray_elastic.netbind import listen_host, pin_gloo_interface
 from ray_elastic.pulse import PulseServer
+from ray_elastic.snapshot import SnapshotHolder
+from ray_elastic.state import MembershipChange
 from ray_elastic.worker.fence import FencedCheckpointer, Lease
-
-if TYPE_CHECKING:
-    from ray_elastic.worker.process_group import GroupHandle
+from ray_elastic.worker.process_group import GroupHandle, connect_round_store, is_communication_error
 
 
 def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
@@ -61,8 +61,8 @@ class ElasticWorker:
 
     Args:
         config: the run's configuration.
-        train_fn_blob: cloudpickled `(train_fn, train_config)`: the user's function (taking `config`, or
-            nothing) and the value passed to it; unpickled here, so the coordinator never imports user code.
+        train_fn: the user's function, taking `config` (or nothing).
+        train_config: the value passed to train_fn.
         worker_id: stable id of this slot instance.
         node_id: Ray node id this worker runs on.
         checkpointer: optional durable checkpointer (see `checkpoint.py`).
@@ -72,7 +72,8 @@ class ElasticWorker:
     def __init__(
         self,
         config: RunConfig,
-        train_fn_blob: bytes,
+        train_fn: Callable[..., Any],
+        train_config: Any,
         worker_id: str,
         node_id: str,
         checkpointer: Any = None,
@@ -82,16 +83,13 @@ class ElasticWorker:
         # torch's flight recorder names the collective a stuck rank waits in (see diagnostics.py).
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
         import torch  # noqa: F401 - warm up the import before joining a round
-        from ray import cloudpickle
-
-        from ray_elastic.snapshot import SnapshotHolder
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
             importlib.import_module(module)
 
         self.config = config
-        self.train_fn: Callable[..., Any]
-        self.train_fn, self.train_config = cloudpickle.loads(train_fn_blob)
+        self.train_fn = train_fn
+        self.train_config = train_config
         self.worker_id = worker_id
         self.node_id = node_id
         self.checkpointer = checkpointer
@@ -213,9 +211,6 @@ class ElasticWorker:
     def run_round(self, spec: RoundSpec) -> WorkerOutcome:
         """Join round `spec.round_id`, run train_fn in it, and report how it ended."""
         import torch.distributed as dist
-
-        from ray_elastic.state import MembershipChange
-        from ray_elastic.worker.process_group import GroupHandle, connect_round_store, is_communication_error
 
         a = spec.assignment
         with self._lock:
