@@ -61,7 +61,12 @@ def test_losing_every_worker_restores_from_storage(cluster, no_leaks, tmp_path):
     thread, box = _run_in_thread(config={"steps": steps, "sleep_s": 0.1}, min_nodes=2, max_restarts=2,
                                  storage_path=str(tmp_path), name=name)
     _wait_for_checkpoint(tmp_path / name, min_step=5)
-    worker_pids = ray.get(ray.get_actor(coordinator_name(name)).worker_pids.remote())
+    coordinator = ray.get_actor(coordinator_name(name))
+    deadline = time.monotonic() + 60  # the coordinator has heard of a commit (heartbeats carry the step)
+    while (ray.get(coordinator.progress.remote())["metrics"] or {}).get("step", 0) < 5:
+        assert time.monotonic() < deadline and thread.is_alive(), "no step reported"
+        time.sleep(0.1)
+    worker_pids = ray.get(coordinator.worker_pids.remote())
     for pid in worker_pids:
         os.kill(pid, signal.SIGKILL)
     thread.join(240)
