@@ -38,6 +38,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _is_run_process(cmdline: str) -> bool:
+    """Whether a process's command line is the title Ray gives a ray_elastic actor (`ray::ElasticWorker...`)."""
+    return any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES)
+
+
 def _titled_processes(raylet_pids: set[int] | None = None) -> list[int]:
     """Processes Ray titled after a ray_elastic actor (`ray::ElasticWorker...`).
 
@@ -46,8 +51,7 @@ def _titled_processes(raylet_pids: set[int] | None = None) -> list[int]:
     """
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if not any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES):
+        if not _is_run_process(" ".join(proc.info.get("cmdline") or [])):
             continue
         if raylet_pids is not None:
             try:
@@ -79,10 +83,9 @@ def _could_be_the_runs(pid: int | None, run_pids: set[int]) -> bool:
     if pid is None or pid in run_pids or pid == os.getpid():
         return True
     try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
+        return _is_run_process(" ".join(psutil.Process(pid).cmdline()))
     except psutil.Error:
         return False
-    return any(cmdline.startswith(f"ray::{name}") for name in _RUN_CLASSES)
 
 
 def port_leaks(ports: Iterable[int], run_pids: set[int]) -> list[str]:
