@@ -108,7 +108,8 @@ class ShardStore:
         overlap: let a commit's replica transfer run during the next step (see the module docstring).
     """
 
-    LAND_TIMEOUT = timedelta(seconds=2)  # a transfer left by an aborted round: severed, it fails at once
+    LAND_TIMEOUT = timedelta(seconds=2)  # a transfer left by an aborted round: severed, it fails at once;
+    # one that times out instead is over too (gloo closes the group's connections), see comm.ReplicaExchange
 
     def __init__(self, replicas: int = 1, every: int = 1, available_bytes: Callable[[], int] | None = None,
                  overlap: bool = False) -> None:
@@ -116,7 +117,6 @@ class ShardStore:
         self.every = every
         self.overlap = overlap
         self.inflight: InFlight | None = None  # the pending generation's replicas, still arriving
-        self._abandoned: list[Any] = []  # transfers a wait gave up on: kept alive, their buffers never reused
         self._available = available_bytes or _available_host_bytes
         self.commit_id = -1
         self.current: Generation | None = None
@@ -280,11 +280,7 @@ class ShardStore:
         finally:
             got = flight.exchange.received
             self.pending.replicas = {k: flight.spares[k] for k in got}
-            missing = [b for k, b in flight.spares.items() if k not in got]
-            if flight.exchange.timed_out:  # still posted (not severed): never reuse or free what it may write
-                self._abandoned.append((flight.exchange, missing))
-            else:
-                self._recycle(missing)
+            self._recycle([b for k, b in flight.spares.items() if k not in got])
 
     def settle(self, timeout: timedelta | None = LAND_TIMEOUT) -> None:
         """Land a transfer still in flight, keeping what arrived; a failure is logged, not raised.
