@@ -1,4 +1,4 @@
-"""Durable checkpoints on a simulated cluster: losing every worker, reusing a run name.
+"""Durable checkpoints on a simulated cluster: losing every worker (with and without storage), reusing a run name.
 
 A crash mid-write and losing the coordinator are fault-matrix rows 9 and 10 (tests/faults/test_durable.py)."""
 
@@ -55,20 +55,32 @@ def _wait_for_checkpoint(run_dir: Path, min_step: int, timeout_s: float = 120) -
     raise AssertionError(f"no checkpoint of step >= {min_step} appeared in {run_dir}")
 
 
+def _kill_every_worker_once_step_heard(name: str, thread: threading.Thread, step: int) -> list[int]:
+    """SIGKILL every worker of run `name` once its coordinator has heard of commit `step` (heartbeats carry it)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            coordinator = ray.get_actor(coordinator_name(name))
+            break
+        except ValueError:  # not created yet
+            assert time.monotonic() < deadline and thread.is_alive(), "no coordinator"
+            time.sleep(0.1)
+    while (ray.get(coordinator.progress.remote())["metrics"] or {}).get("step", 0) < step:
+        assert time.monotonic() < deadline and thread.is_alive(), "no step reported"
+        time.sleep(0.1)
+    worker_pids = ray.get(coordinator.worker_pids.remote())
+    for pid in worker_pids:
+        os.kill(pid, signal.SIGKILL)
+    return worker_pids
+
+
 def test_losing_every_worker_restores_from_storage(cluster, no_leaks, tmp_path):
     cluster.resize(2)
     name, steps = "lose-all", 30
     thread, box = _run_in_thread(config={"steps": steps, "sleep_s": 0.1}, min_nodes=2, max_restarts=2,
                                  storage_path=str(tmp_path), name=name)
     _wait_for_checkpoint(tmp_path / name, min_step=5)
-    coordinator = ray.get_actor(coordinator_name(name))
-    deadline = time.monotonic() + 60  # the coordinator has heard of a commit (heartbeats carry the step)
-    while (ray.get(coordinator.progress.remote())["metrics"] or {}).get("step", 0) < 5:
-        assert time.monotonic() < deadline and thread.is_alive(), "no step reported"
-        time.sleep(0.1)
-    worker_pids = ray.get(coordinator.worker_pids.remote())
-    for pid in worker_pids:
-        os.kill(pid, signal.SIGKILL)
+    worker_pids = _kill_every_worker_once_step_heard(name, thread, 5)
     thread.join(240)
     assert "error" not in box, box.get("error")
     result = box["result"]
@@ -78,6 +90,24 @@ def test_losing_every_worker_restores_from_storage(cluster, no_leaks, tmp_path):
     assert not set(worker_pids) & {v["pid"] for v in result.return_values}, "all ranks are replacements"
     [lost] = [e for e in result.events if e.kind == "commit_lost"]
     assert lost.data["from_storage"] and lost.data["step"] >= 5, lost.message
+    no_leaks(result.worker_pids)
+
+
+def test_losing_every_worker_without_storage_starts_over_and_says_so(cluster, no_leaks):
+    cluster.resize(2)
+    name, steps = "lose-all-no-storage", 16
+    thread, box = _run_in_thread(config={"steps": steps, "sleep_s": 0.1}, min_nodes=2, max_restarts=2, name=name)
+    worker_pids = _kill_every_worker_once_step_heard(name, thread, 4)
+    thread.join(240)
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    _check_consistent(result, steps)  # the log starts again at step 1: nothing of the first attempt is kept
+    assert result.restarts == 1
+    assert {v["restored_from"] for v in result.return_values} == {"fresh"}
+    assert not set(worker_pids) & {v["pid"] for v in result.return_values}, "all ranks are replacements"
+    [lost] = [e for e in result.events if e.kind == "commit_lost"]
+    assert not lost.data["from_storage"] and lost.data["step"] >= 4, lost.message
+    assert "storage_path=" in lost.message and "step 0" in lost.message, lost.message
     no_leaks(result.worker_pids)
 
 
