@@ -187,7 +187,10 @@ class RestoreChoice:
 
 
 def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
-    """Pick the newest fully covered commit; each old shard from the rank that holds it as its own if alive.
+    """Pick the newest fully covered commit, and for each old shard the holder that keeps most of it local.
+
+    Each old shard is sent by the holder (own copy or replica) whose new shard overlaps it most, so
+    the most rows stay in that process and the fewest cross the wire; ties go to the least loaded.
 
     Args:
         holdings: per new rank, what it holds.
@@ -215,14 +218,19 @@ def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
             load = [0] * len(holdings)
             sources = []
             for k in range(world):
-                candidates = cover[k]
-                # spread the sending over the holders (own copies and replicas alike)
-                pick = min(candidates, key=lambda r: (load[r], r))
+                pick = max(cover[k], key=lambda r: (_overlap(k, world, r, len(holdings)), -load[r], -r))
                 load[pick] += 1
                 sources.append(pick)
             return RestoreChoice(commit_id, world, tuple(sources), min(rest[key]))
     missing = tuple(k for k in range(newest[1]) if k not in by_commit[newest])
     return RestoreChoice(commit_id=-1, lost=missing, lost_commit_id=newest[0])
+
+
+def _overlap(old_rank: int, old_world: int, new_rank: int, new_world: int) -> int:
+    """How much of old rank's share of every dimension the new rank's share covers (in 1/(old*new) units)."""
+    old = (old_rank * new_world, (old_rank + 1) * new_world)
+    new = (new_rank * old_world, (new_rank + 1) * old_world)
+    return max(0, min(old[1], new[1]) - max(old[0], new[0]))
 
 
 # -- resharding ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ray_elastic.sharded.layout import (
     choose_restore,
     chunk_range,
     leaf_view,
+    piece_nbytes,
     replica_holders,
     replica_sources,
     reshard_pieces,
@@ -78,6 +79,30 @@ def test_choose_restore_after_a_loss_takes_each_shard_from_a_survivor():
     assert choice.sources[2] == 2, "old rank 2's shard comes from its replica on old rank 3 (new rank 2)"
     for k, src in enumerate(choice.sources):
         assert k in _holdings(4, {0, 1, 3}, holders)[src][0].covers
+
+
+def _wire_bytes(specs, old_world: int, new_world: int, sources) -> int:
+    """Bytes a restore moves between processes (a piece whose sender is its receiver stays local)."""
+    plan = transfer_plan(specs, old_world, new_world, sources)
+    return sum(piece_nbytes(specs[p.leaf], p) for (src, dst), pieces in plan.items() if src != dst for p in pieces)
+
+
+@pytest.mark.parametrize("world,alive,replicas", [
+    (4, {0, 1, 3}, 1), (4, {1, 2, 3}, 1), (4, {0, 2, 3}, 1), (4, {0, 1, 2}, 1), (6, {0, 1, 3, 4, 5}, 1),
+    (4, {0, 2}, 2), (3, {0, 1, 2}, 1),
+])
+def test_choose_restore_sends_each_shard_from_the_holder_that_keeps_most_of_it_local(world, alive, replicas):
+    holders = replica_holders([str(r) for r in range(world)], replicas)
+    holdings = _holdings(world, alive, holders)
+    if world == 3:  # a growth 3 -> 4: the newcomer (new rank 3) holds nothing
+        holdings.append([])
+    new_world = len(holdings)
+    specs = [LeafSpec("w", (120, 5), 0, torch.float32), LeafSpec("b", (60,), 0, torch.float32)]
+    choice = choose_restore(holdings)
+    covers = [held[0].covers if held else frozenset() for held in holdings]
+    candidates = [[r for r in range(new_world) if k in covers[r]] for k in range(world)]
+    fewest = min(_wire_bytes(specs, world, new_world, pick) for pick in itertools.product(*candidates))
+    assert _wire_bytes(specs, world, new_world, choice.sources) == fewest, choice.sources
 
 
 def test_choose_restore_names_what_is_lost_when_a_shard_and_its_replicas_are_gone():
