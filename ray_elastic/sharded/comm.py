@@ -131,6 +131,8 @@ def reshard(plan: Mapping[tuple[int, int], list[Piece]], specs: Sequence[LeafSpe
             new_starts: Sequence[int], group: Any = None) -> None:
     """One all-to-all: send the pieces this rank is the source of, fill `shards` (this rank's new local shards).
 
+    Pieces this rank both sends and receives are copied in place, outside the all-to-all.
+
     Args:
         plan: (sending rank, receiving rank) -> pieces, from `layout.transfer_plan`.
         flats: old rank -> the flat buffer this rank holds for it (own or replica).
@@ -147,14 +149,18 @@ def reshard(plan: Mapping[tuple[int, int], list[Piece]], specs: Sequence[LeafSpe
             view = leaf_view(flats[piece.old_rank], specs, layouts[piece.old_rank], piece.leaf, old_world,
                              piece.old_rank)
             o_start = _old_start(spec, old_world, piece.old_rank)
-            part = view.narrow(spec.dim, piece.start - o_start, piece.stop - piece.start).contiguous()
-            send_parts.append(part.reshape(-1).view(torch.uint8))
+            part = view.narrow(spec.dim, piece.start - o_start, piece.stop - piece.start)
+            if dst == rank:
+                rows = piece.stop - piece.start
+                shards[piece.leaf].narrow(spec.dim, piece.start - new_starts[piece.leaf], rows).copy_(part)
+                continue
+            send_parts.append(part.contiguous().reshape(-1).view(torch.uint8))
             n = piece_nbytes(spec, piece)
             if _padded(n) > n:  # keep every piece aligned for the receiver's dtype view
                 send_parts.append(torch.zeros(_padded(n) - n, dtype=torch.uint8))
             total += _padded(n)
         send_sizes.append(total)
-    recv_sizes = [sum(_padded(piece_nbytes(specs[p.leaf], p)) for p in plan.get((src, rank), []))
+    recv_sizes = [sum(_padded(piece_nbytes(specs[p.leaf], p)) for p in plan.get((src, rank), [])) if src != rank else 0
                   for src in range(new_world)]
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=torch.uint8)
     recv = torch.empty(sum(recv_sizes), dtype=torch.uint8)
@@ -163,7 +169,7 @@ def reshard(plan: Mapping[tuple[int, int], list[Piece]], specs: Sequence[LeafSpe
     else:
         recv.copy_(send)
     at = 0
-    for src in range(new_world):
+    for src in (s for s in range(new_world) if s != rank):
         for piece in plan.get((src, rank), []):
             spec = specs[piece.leaf]
             n = piece_nbytes(spec, piece)
