@@ -109,11 +109,10 @@ def _connect(ray_address: str | None) -> None:
     if ray.is_initialized():
         return
     address = ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     if address and address != "local":
         check_cluster_access(address)  # a missing or wrong Ray token: ConfigError now, not a 20 s retry
         try:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True)
         except ray.exceptions.AuthenticationError as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
         return
@@ -122,7 +121,7 @@ def _connect(ray_address: str | None) -> None:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        ray.init(address=address, runtime_env=env, include_dashboard=False)
+        ray.init(address=address, include_dashboard=False)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

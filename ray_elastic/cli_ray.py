@@ -55,8 +55,7 @@ def _connect(plan: LaunchPlan) -> bool:
         assert isinstance(plan.nproc_per_node, int)
         # A Ray of this machine places nproc_per_node scripts whatever the CPU count, as torchrun does.
         ray.init(address="local", include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, plan.nproc_per_node * plan.max_nodes),
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+                 num_cpus=max(os.cpu_count() or 1, plan.nproc_per_node * plan.max_nodes))
     else:
         api._connect(plan.address)
     return True

@@ -41,7 +41,7 @@ class Clusters:
                 ray.shutdown()
             self._shared = self._shared_stack.enter_context(local_cluster(**SHARED_CLUSTER))
         elif not ray.is_initialized():
-            ray.init(address=self._shared.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+            ray.init(address=self._shared.address)
         return self._shared
 
     def private(self, stack: contextlib.ExitStack, num_nodes: int, **kwargs: Any) -> LocalCluster:

@@ -235,13 +235,11 @@ class RayWorkerGroup(WorkerGroup):
         node.generation += 1
         self._slot_seq += 1
         worker_id = f"{node.node_id[:8]}-{index}-{self._slot_seq}"
-        env = {"OMP_NUM_THREADS": "1"}
-        options: dict[str, Any] = {
+        options: dict[str, Any] = {  # no runtime_env: see RunConfig.omp_num_threads
             "max_concurrency": 4,
             "num_cpus": self.config.bundle.get("CPU", 0),
             "resources": {k: v for k, v in self.config.bundle.items() if k not in ("CPU", "GPU")},
             "scheduling_strategy": PlacementGroupSchedulingStrategy(node.pg, placement_group_bundle_index=index),
-            "runtime_env": {"env_vars": env},
         }
         if self.config.bundle.get("GPU"):
             options["num_gpus"] = self.config.bundle["GPU"]

@@ -198,7 +198,7 @@ def local_autoscaling_cluster(
             deadline = time.monotonic() + timeout_s
             while True:
                 try:
-                    ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                    ray.init(address=cluster.address)
                     break
                 except ConnectionError:
                     if time.monotonic() > deadline:

@@ -209,7 +209,7 @@ def local_cluster(
     cluster = LocalCluster(num_nodes=num_nodes, cpus_per_node=cpus_per_node, **kwargs)
     try:
         if connect:
-            ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+            ray.init(address=cluster.address)
         deadline = time.monotonic() + 30
         while connect and time.monotonic() < deadline:
             alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE)]

@@ -79,10 +79,13 @@ class ElasticWorker:
         checkpointer: Any = None,
         prober_ip: str = "",
     ):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ["OMP_NUM_THREADS"] = config.omp_num_threads  # for the user's code and its subprocesses
         # torch's flight recorder names the collective a stuck rank waits in (see diagnostics.py).
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
-        import torch  # noqa: F401 - warm up the import before joining a round
+        import torch
+
+        if config.omp_num_threads.isdigit() and int(config.omp_num_threads) > 0:
+            torch.set_num_threads(int(config.omp_num_threads))  # torch was imported with this module already
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
             importlib.import_module(module)

@@ -50,3 +50,20 @@ def test_ctrl_c_in_the_driver_tears_everything_down(cluster, no_leaks):
     assert driver.returncode == 130 and "INTERRUPTED" in out
     assert "run aborted" in out
     no_leaks()
+
+
+def _threads(_config):
+    import torch
+
+    return {"env": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
+
+
+def test_workers_take_the_drivers_omp_num_threads_without_a_runtime_env(cluster, no_leaks, monkeypatch):
+    """The nodes' processes have OMP_NUM_THREADS=1 (conftest); the driver's 2 reaches train_fn and torch."""
+    import ray_elastic
+
+    cluster.resize(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    result = ray_elastic.run(_threads, min_nodes=1, progress="none")
+    assert result.return_values == [{"env": "2", "torch": 2}]
+    no_leaks(result.worker_pids)

@@ -30,7 +30,7 @@ def job_env(cluster, env: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        ray.init(address=cluster.address, runtime_env={"env_vars": base})
+        ray.init(address=cluster.address)
 
 
 def test_row11_two_runs_at_once_with_taken_ports_never_collide(cluster, no_leaks, figures, tmp_path):
