@@ -183,6 +183,9 @@ def torchrun_cmd(*launcher_args: str, script_args: Iterable[str] = ()) -> list[s
 
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": LOOPBACK}
+# The simulated clusters' processes (Ray Train's workers and ray_elastic's alike) inherit it from this one:
+# a job runtime_env instead would start every Ray worker through Ray's setup process (~1.4 s more CPU each).
+os.environ.update(WORKER_ENV)
 
 
 def free_port() -> int:
@@ -290,8 +293,7 @@ def connect(cluster: Any, num_nodes: int, timeout_s: float = 60.0) -> None:
 
     from ray_elastic.testing.cluster import WORKER_NODE_RESOURCE
 
-    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
+    ray.init(address=cluster.address, log_to_driver=False)
 
     def alive_nodes() -> bool:
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(WORKER_NODE_RESOURCE)]
