@@ -35,6 +35,7 @@ from ray_elastic.netbind import is_wildcard
 logger = logging.getLogger("ray_elastic")
 
 STORE_CONNECT_ATTEMPT_S = 0.5  # how long one connection attempt to a round's store may retry
+STORE_PROBE_PAUSE_S = 0.05  # between probes of a round's store that refused a connection
 
 
 def _restart_group_names() -> None:
@@ -57,9 +58,11 @@ class RoundAborted(RuntimeError):
 def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callable[[], bool]) -> dist.TCPStore:
     """A client of the round's store (with `timeout_s` for its operations) that stops trying once `aborted()`.
 
-    TCPStore's client retries a refused or reset connection for its whole timeout. An abort closes the round's
-    store; a rank still connecting to it would otherwise stay there past the abort timeout and be killed with
-    the commit it holds. So it connects in short attempts and checks `aborted()` between them.
+    TCPStore's client retries a refused or reset connection for its whole timeout, and between tries backs off
+    for a random delay that may exceed the try's own timeout (seen: 2.4 s after a 0.5 s try). An abort closes
+    the round's store; a rank still connecting to it would otherwise stay there past the abort timeout and be
+    killed with the commit it holds. So it first waits for the port to accept a plain socket, checking
+    `aborted()` between short tries, and only then builds the client.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -67,13 +70,24 @@ def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callabl
             raise RoundAborted(f"round aborted while connecting to its store at {host}:{port}")
         attempt = max(0.05, min(STORE_CONNECT_ATTEMPT_S, deadline - time.monotonic()))
         try:
-            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt))
-            break
-        except RuntimeError:  # DistNetworkError, DistStoreError: refused, reset, timed out
-            if time.monotonic() >= deadline:
-                raise
+            if _accepts_connections(host, port, attempt):
+                store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt))
+                break
+            time.sleep(min(STORE_PROBE_PAUSE_S, max(0.0, deadline - time.monotonic())))
+        except RuntimeError:  # DistNetworkError, DistStoreError: closed, reset, timed out between probe and client
+            pass
+        if time.monotonic() >= deadline:
+            raise dist.DistNetworkError(f"the round's store at {host}:{port} accepted no connection in {timeout_s:g}s")
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return store
+
+
+def _accepts_connections(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 _COMM_ERROR_MARKERS = (
