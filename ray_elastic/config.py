@@ -203,6 +203,11 @@ def validate(config: RunConfig) -> RunConfig:
     _require_int("store_port", config.store_port, 0)
     if config.store_port > 65535:
         raise ConfigError(f"store_port must be a TCP port (0-65535, 0 for a free one), got {config.store_port}.")
+    if not (config.omp_num_threads.isdigit() and int(config.omp_num_threads) > 0):
+        raise ConfigError(
+            f"OMP_NUM_THREADS is {config.omp_num_threads!r} in the driver's environment; the workers take it, and it "
+            f"must be a whole number of threads >= 1: set it to one (or unset it for 1)."
+        )
     if config.resume and not config.storage_path:
         raise ConfigError("resume=True needs storage_path= where the run's checkpoints live.")
     return config

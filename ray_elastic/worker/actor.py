@@ -84,8 +84,7 @@ class ElasticWorker:
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
         import torch
 
-        if config.omp_num_threads.isdigit() and int(config.omp_num_threads) > 0:
-            torch.set_num_threads(int(config.omp_num_threads))  # torch was imported with this module already
+        torch.set_num_threads(int(config.omp_num_threads))  # torch was imported with this module already
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
             importlib.import_module(module)

@@ -54,6 +54,16 @@ def test_bad_arguments_are_rejected_with_what_to_change(kwargs, message, ray_dis
     assert not ray.is_initialized(), "rejected before Ray started"
 
 
+@pytest.mark.parametrize("value", ["auto", "0", "-2", "1.5"])
+def test_a_bad_omp_num_threads_in_the_drivers_environment_is_named(value, monkeypatch, ray_disconnected):
+    import ray
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(ConfigError, match=f"OMP_NUM_THREADS is '{value}' in the driver's environment"):
+        ray_elastic.run(_noop)
+    assert not ray.is_initialized(), "rejected before Ray started"
+
+
 def test_unpicklable_train_fn_names_the_captured_object():
     lock = threading.Lock()
 
