@@ -24,7 +24,13 @@ from ray_elastic.pulse import PulseServer
 from ray_elastic.snapshot import SnapshotHolder
 from ray_elastic.state import MembershipChange
 from ray_elastic.worker.fence import FencedCheckpointer, Lease
-from ray_elastic.worker.process_group import GroupHandle, connect_round_store, is_communication_error
+from ray_elastic.worker.process_group import (
+    GLOO_CONNECT_WAIT_FACTOR,
+    GroupHandle,
+    connect_round_store,
+    form_timeout_s,
+    is_communication_error,
+)
 
 
 def torchrun_env(spec: RoundSpec, run_id: str) -> dict[str, str]:
@@ -212,8 +218,6 @@ class ElasticWorker:
 
     def run_round(self, spec: RoundSpec) -> WorkerOutcome:
         """Join round `spec.round_id`, run train_fn in it, and report how it ended."""
-        import torch.distributed as dist
-
         a = spec.assignment
         with self._lock:
             if spec.round_id <= self._round_id:
@@ -253,14 +257,7 @@ class ElasticWorker:
         try:
             store = connect_round_store(spec.store_host, spec.store_port, max(30.0, self.config.abort_timeout_s),
                                         aborted=lambda: spec.round_id in self._aborted)
-            group = None if not self.config.init_process_group else GroupHandle(
-                self.config.worker_backend,
-                dist.PrefixStore(f"{spec.store_prefix}/round{spec.round_id}", store),
-                a.rank,
-                a.world_size,
-                self.config.collective_timeout_s,
-                device_id=device if self.config.worker_backend == "nccl" else None,
-            )
+            group = None if not self.config.init_process_group else self._form_group(spec, store, device)
             with self._lock:
                 self._group = group
                 self._session = session
@@ -297,6 +294,26 @@ class ElasticWorker:
             if group is not None:
                 group.destroy()
             del store
+
+    def _form_group(self, spec: RoundSpec, store: Any, device: Any) -> GroupHandle:
+        """The round's default group. While it connects, this worker says it is busy: a rank whose peer died
+        mid-connect cannot leave before gloo gives up (see `form_timeout_s`), and must not be killed for that."""
+        import torch.distributed as dist
+
+        a = spec.assignment
+        bound = GLOO_CONNECT_WAIT_FACTOR * form_timeout_s(a.world_size)
+        self._set_busy(f"forming the round's process group (gloo gives up on a lost peer within ~{bound:.0f}s)")
+        try:
+            return GroupHandle(
+                self.config.worker_backend,
+                dist.PrefixStore(f"{spec.store_prefix}/round{spec.round_id}", store),
+                a.rank,
+                a.world_size,
+                self.config.collective_timeout_s,
+                device_id=device if self.config.worker_backend == "nccl" else None,
+            )
+        finally:
+            self._set_busy(None)
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = (what, time.monotonic()) if what else None

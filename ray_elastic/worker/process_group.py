@@ -36,6 +36,38 @@ logger = logging.getLogger("ray_elastic")
 
 STORE_CONNECT_ATTEMPT_S = 0.5  # how long one connection attempt to a round's store may retry
 STORE_PROBE_PAUSE_S = 0.05  # between probes of a round's store that refused a connection
+FORM_TIMEOUT_S = 3.0  # gloo's timeout while the ranks of a round, all arrived, connect (see form_timeout_s)
+GLOO_CONNECT_WAIT_FACTOR = 5  # a rank waits ~5x gloo's timeout for a peer lost mid-connect (torch 2.13, measured)
+_ARRIVED_KEY = "ray_elastic/arrived"
+_ALL_ARRIVED_KEY = "ray_elastic/all_arrived"
+
+
+def form_timeout_s(world_size: int) -> float:
+    """The timeout a round's gloo group is formed under, once every rank is known to be there.
+
+    gloo connects a group's ranks under the group's timeout: a rank waiting for a peer that froze or died after
+    publishing its address waits about `GLOO_CONNECT_WAIT_FACTOR` times that, and an abort cannot cut the wait
+    short (there is no connection to shut down, and closing the round's store does not reach it). Formed under
+    the collective timeout, such a rank would stay past the abort timeout and be killed with the commit it
+    holds; formed under this one it leaves in seconds. The group gets the collective timeout once formed.
+    """
+    return FORM_TIMEOUT_S + 0.01 * world_size  # connecting is ~N-1 connections and store reads per rank
+
+
+def wait_for_every_rank(store: dist.Store, world_size: int, timeout_s: float) -> None:
+    """Return once every rank of the round has called this (raises at once if the round's store closes)."""
+    if store.add(_ARRIVED_KEY, 1) >= world_size:
+        store.set(_ALL_ARRIVED_KEY, "1")
+    store.wait([_ALL_ARRIVED_KEY], datetime.timedelta(seconds=timeout_s))
+
+
+def can_set_group_timeout() -> bool:
+    return hasattr(dist.distributed_c10d, "_set_pg_timeout")
+
+
+def set_group_timeout(timeout_s: float, group: Any = None) -> None:
+    """Give a formed group (default: the default group) a new timeout for its collectives."""
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)  # type: ignore[attr-defined]
 
 
 def _restart_group_names() -> None:
@@ -183,6 +215,8 @@ class GroupHandle:
         rank, world_size: this rank's place.
         timeout_s: the collective timeout.
         device_id: the rank's device (NCCL).
+
+    gloo: the ranks first wait for each other on the store, then connect under `form_timeout_s`.
     """
 
     def __init__(self, backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float,
@@ -197,15 +231,25 @@ class GroupHandle:
         if device_id is not None:
             kwargs["device_id"] = device_id
         _restart_group_names()
+        forming = timeout_s
+        if backend == "gloo" and can_set_group_timeout():
+            wait_for_every_rank(store, world_size, timeout_s)
+            forming = min(timeout_s, form_timeout_s(world_size))
         dist.init_process_group(
             backend,
             store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=forming),
             **kwargs,
         )
         self._alive = True
+        if forming < timeout_s:
+            try:
+                set_group_timeout(timeout_s)
+            except BaseException:
+                self.destroy()
+                raise
         if backend == "gloo":
             try:
                 self._own, self._peers = self._exchange_listeners(store, rank, world_size, _listeners() - before)
