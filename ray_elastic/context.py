@@ -48,8 +48,14 @@ class Session:
         snapshots: SnapshotHolder,
         checkpointer: Any = None,
         on_stop_check: Callable[[], bool] | None = None,
+        collective_timeout_s: float | None = None,
+        set_busy: Callable[[str | None], None] | None = None,
     ):
         self.context = context
+        self.collective_timeout_s = collective_timeout_s  # None: torch's default
+        # Says (with a description; None when done) that the training thread is inside a long wait that is not a
+        # hang, such as forming a process group: the coordinator then gives it `hang_timeout_s`, not less.
+        self.set_busy: Callable[[str | None], None] = set_busy or (lambda what: None)
         self.snapshots = snapshots
         self.checkpointer = checkpointer
         self._stop_requested = on_stop_check or (lambda: False)

@@ -65,7 +65,7 @@ class ShardedSession:
             return None
         group = getattr(self.session, "sharded_host_group", None)
         if group is None:  # NCCL training: shards move through a gloo group of the round, in host memory
-            group, addresses = _new_gloo_group()
+            group, addresses = _new_gloo_group(self.session)
             self.session.sharded_host_group = group
             self.session.add_interrupt_handler(lambda reason: _sever(reason, addresses))
         return group
@@ -105,21 +105,23 @@ class ShardedSession:
             self.checkpoints.wait()
 
 
-def _new_gloo_group() -> tuple[Any, tuple[set[Any], set[Any]]]:
+def _new_gloo_group(session: Any) -> tuple[Any, tuple[set[Any], set[Any]]]:
     """A gloo group over every rank, and the listening addresses that identify its connections.
 
     gloo cannot be aborted: a rank blocked in it is freed by shutting its connections down
-    (see `ray_elastic.worker.process_group`); these are found by this process's listeners
-    that the group opened and every rank's, exchanged over the new group itself.
+    (see `ray_elastic.worker.process_group`). While it connects, the worker says it is busy:
+    a peer lost mid-connect holds it for seconds, and it must not be killed for that.
     """
-    from ray_elastic.sharded.comm import all_gather_objects
-    from ray_elastic.worker.process_group import _listeners
+    from ray_elastic.worker.process_group import GLOO_CONNECT_WAIT_FACTOR, form_timeout_s, new_gloo_group
 
-    before = _listeners()
-    group = dist.new_group(backend="gloo")
-    own = _listeners() - before
-    peers = {tuple(a) for addrs in all_gather_objects(sorted(own), group) for a in addrs}
-    return group, (own, peers | own)
+    world = dist.get_world_size()
+    timeout_s = session.collective_timeout_s or dist.default_pg_timeout.total_seconds()
+    bound = GLOO_CONNECT_WAIT_FACTOR * form_timeout_s(world)
+    session.set_busy(f"forming the host gloo group of sharded state (gives up on a lost peer within ~{bound:.0f}s)")
+    try:
+        return new_gloo_group(dist.get_rank(), world, timeout_s)
+    finally:
+        session.set_busy(None)
 
 
 def _sever(reason: str, addresses: tuple[set[Any], set[Any]]) -> None:

@@ -251,7 +251,8 @@ class ElasticWorker:
             self.checkpointer, lambda: self._lease.check(spec.round_id, "publish a durable checkpoint"),
             self._set_busy,
         )
-        session = Session(context, self.snapshots, checkpointer, on_stop_check=self._stop.is_set)
+        session = Session(context, self.snapshots, checkpointer, on_stop_check=self._stop.is_set,
+                          collective_timeout_s=self.config.collective_timeout_s, set_busy=self._set_busy)
         session.last_committed_step = self._last_step()
         store = None
         try:

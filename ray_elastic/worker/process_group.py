@@ -38,8 +38,8 @@ STORE_CONNECT_ATTEMPT_S = 0.5  # how long one connection attempt to a round's st
 STORE_PROBE_PAUSE_S = 0.05  # between probes of a round's store that refused a connection
 FORM_TIMEOUT_S = 3.0  # gloo's timeout while the ranks of a round, all arrived, connect (see form_timeout_s)
 GLOO_CONNECT_WAIT_FACTOR = 5  # a rank waits ~5x gloo's timeout for a peer lost mid-connect (torch 2.13, measured)
-_ARRIVED_KEY = "ray_elastic/arrived"
-_ALL_ARRIVED_KEY = "ray_elastic/all_arrived"
+_ARRIVAL_KEYS = "ray_elastic/{}arrived"  # a count of the ranks that arrived at a group's forming
+_ALL_ARRIVED_KEYS = "ray_elastic/{}all_arrived"
 
 
 def form_timeout_s(world_size: int) -> float:
@@ -54,11 +54,12 @@ def form_timeout_s(world_size: int) -> float:
     return FORM_TIMEOUT_S + 0.01 * world_size  # connecting is ~N-1 connections and store reads per rank
 
 
-def wait_for_every_rank(store: dist.Store, world_size: int, timeout_s: float) -> None:
-    """Return once every rank of the round has called this (raises at once if the round's store closes)."""
-    if store.add(_ARRIVED_KEY, 1) >= world_size:
-        store.set(_ALL_ARRIVED_KEY, "1")
-    store.wait([_ALL_ARRIVED_KEY], datetime.timedelta(seconds=timeout_s))
+def wait_for_every_rank(store: dist.Store, world_size: int, timeout_s: float, group: str = "") -> None:
+    """Return once every rank of the round has called this for `group` (raises at once if the round's store
+    closes)."""
+    if store.add(_ARRIVAL_KEYS.format(group), 1) >= world_size:
+        store.set(_ALL_ARRIVED_KEYS.format(group), "1")
+    store.wait([_ALL_ARRIVED_KEYS.format(group)], datetime.timedelta(seconds=timeout_s))
 
 
 def can_set_group_timeout() -> bool:
@@ -252,19 +253,10 @@ class GroupHandle:
                 raise
         if backend == "gloo":
             try:
-                self._own, self._peers = self._exchange_listeners(store, rank, world_size, _listeners() - before)
+                self._own, self._peers = exchange_listeners(store, rank, world_size, _listeners() - before)
             except BaseException:
                 self.destroy()  # a peer vanished before publishing: leave no default group behind
                 raise
-
-    @staticmethod
-    def _exchange_listeners(store: dist.Store, rank: int, world_size: int,
-                            own: set[Address]) -> tuple[set[Address], set[Address]]:
-        """Publish this rank's gloo listening addresses; read every rank's."""
-        store.set(f"{_LISTENERS_KEY}{rank}", json.dumps(sorted(own)))
-        keys = [f"{_LISTENERS_KEY}{r}" for r in range(world_size)]
-        peers = {(str(host), int(port)) for value in store.multi_get(keys) for host, port in json.loads(value)}
-        return own, peers | own
 
     def sever(self) -> int:
         """Make every blocked collective of this group fail now. Safe from any thread; idempotent.
@@ -293,3 +285,37 @@ class GroupHandle:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a broken group may complain while going away
             logger.debug("destroy_process_group failed", exc_info=True)
+
+
+def exchange_listeners(store: dist.Store, rank: int, world_size: int, own: set[Address],
+                       key: str = _LISTENERS_KEY) -> tuple[set[Address], set[Address]]:
+    """Publish this rank's gloo listening addresses under `key`; read every rank's (a closed store ends the wait)."""
+    store.set(f"{key}{rank}", json.dumps(sorted(own)))
+    keys = [f"{key}{r}" for r in range(world_size)]
+    peers = {(str(host), int(port)) for value in store.multi_get(keys) for host, port in json.loads(value)}
+    return own, peers | own
+
+
+def new_gloo_group(rank: int, world_size: int, timeout_s: float) -> tuple[Any, tuple[set[Address], set[Address]]]:
+    """A gloo group of every rank beside the default one (NCCL training's host-memory collectives), and the
+    listening addresses that identify its connections (for `shutdown_gloo_connections`).
+
+    Formed as `GroupHandle` forms a gloo default group: the ranks meet on the default group's store (the
+    round's), connect under `form_timeout_s`, exchange their listeners on the store (not over the new group,
+    where a peer lost now would hold them for the collective timeout), and the group then gets `timeout_s`.
+    """
+    store = dist.distributed_c10d._get_default_store()  # type: ignore[attr-defined]
+    forming = timeout_s
+    if can_set_group_timeout():
+        wait_for_every_rank(store, world_size, timeout_s, group="host/")
+        forming = min(timeout_s, form_timeout_s(world_size))
+    before = _listeners()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=forming))
+    try:
+        addresses = exchange_listeners(store, rank, world_size, _listeners() - before, key=f"{_LISTENERS_KEY}host/")
+        if forming < timeout_s:
+            set_group_timeout(timeout_s, group)
+    except BaseException:
+        dist.destroy_process_group(group)
+        raise
+    return group, addresses
