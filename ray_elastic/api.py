@@ -181,7 +181,8 @@ def run(
             (GIL-free) pulse does not answer either, is lost to silence (frozen, or cut off).
         worker_start_timeout_s: how long placing and starting workers on existing nodes may take.
         heartbeat_interval_s: how often the coordinator probes workers (progress, metrics).
-        join_debounce_s: a burst of joining nodes settles for this long before one re-form.
+        join_debounce_s: a burst of joining nodes settles for this long before one re-form (not when the
+            nodes waiting already fill max_nodes: they join at the next commit).
         collective_timeout_s: torch.distributed timeout (the last resort; aborts come first).
         backend: "gloo" or "nccl" (default: nccl with use_gpu, else gloo).
         event_log_path: also write events as JSON lines here.

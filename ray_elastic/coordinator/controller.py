@@ -230,6 +230,10 @@ class Controller(DrainSteps, SilenceMixin):
         if now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
             self.group.refresh(now)
+        self._note_ready(now)
+
+    def _note_ready(self, now: float) -> None:
+        """Track the ready node groups outside the round (a `node_ready` event for each new one)."""
         ready = {g.node_id for g in self.group.ready_groups()} - set(self.previous_order)
         if ready - self._ready_seen:
             self._last_ready_change = now
@@ -417,6 +421,7 @@ class Controller(DrainSteps, SilenceMixin):
         after_drain = self._check_drains(state, now)
         if after_drain is not None:
             return after_drain
+        self._note_ready(now)  # a worker that finished starting during this step's wait counts now, not a poll later
         if not state.stop_requested and policy.should_scale_up(
             len(state.plan.groups),
             len(self._ready_seen),  # ready nodes outside the round (members that returned do not count)

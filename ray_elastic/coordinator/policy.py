@@ -63,8 +63,12 @@ def should_scale_up(
     since_last_ready_s: float,
     debounce_s: float,
 ) -> bool:
-    """Grow at the next commit when a ready node waits, room remains, and the burst has settled."""
-    return idle_ready_nodes > 0 and current_nodes < max_nodes and since_last_ready_s >= debounce_s
+    """Grow at the next commit when a ready node waits and room remains, once the burst of arrivals has settled
+    or the waiting nodes already fill the room (then no later arrival could join this re-form: a replacement
+    for a lost node, or the last nodes up to max_nodes, join at once)."""
+    if idle_ready_nodes <= 0 or current_nodes >= max_nodes:
+        return False
+    return since_last_ready_s >= debounce_s or current_nodes + idle_ready_nodes >= max_nodes
 
 
 def at_fault(outcomes: Mapping[str, WorkerOutcome], stalled: Sequence[WorkerOutcome] = ()) -> list[WorkerOutcome]:

@@ -378,9 +378,9 @@ def test_ready_idle_node_joins_at_a_commit_without_spending_budget():
 
 
 def test_burst_of_joins_is_debounced_into_one_reform_never_above_max():
-    controller, group = make(nodes=1, max_nodes=4, join_debounce_s=0.5)
+    controller, group = make(nodes=1, max_nodes=8, join_debounce_s=0.5)
     run_round(controller, group, 0)
-    for _ in range(4):  # 4 nodes arrive 0.2 s apart, one more than there is room for
+    for _ in range(3):  # 3 nodes arrive 0.2 s apart, with room for more
         group.add_node()
         for _ in range(4):
             controller.step()
@@ -390,6 +390,36 @@ def test_burst_of_joins_is_debounced_into_one_reform_never_above_max():
     for _ in range(200):
         controller.step()
     assert len(group.plans) == 2 and group.stops == [0] and controller.restarts == 0
+
+
+def test_joins_that_fill_max_nodes_do_not_wait_out_the_debounce():
+    controller, group = make(nodes=1, max_nodes=4, join_debounce_s=5.0)
+    run_round(controller, group, 0)
+    for _ in range(2):  # room remains for one more: the burst may go on
+        group.add_node()
+        for _ in range(4):
+            controller.step()
+    assert group.stops == []
+    group.add_node()  # the room is full, and a fourth arrival would not fit
+    group.add_node()
+    controller.step()
+    assert group.stops == [0], "waited for arrivals that could not join"
+    run_round(controller, group, 1)
+    assert len(group.plans[1].groups) == 4 and controller.restarts == 0
+
+
+def test_a_replacement_for_a_lost_node_joins_without_the_debounce():
+    controller, group = make(nodes=3, max_nodes=3, join_debounce_s=5.0)
+    run_round(controller, group, 0)
+    group.die(group.plans[0].worker_ids[-1])
+    run_round(controller, group, 1)  # the survivors go on; the dead worker's replacement starts
+    assert len(group.plans[1].groups) == 2
+    started = group.clock()
+    step_until(controller, lambda: group.stops == [1])
+    # the fake starts a replacement at a node poll (every 1 s); the debounce would add 5 s
+    assert group.clock() - started < 2.0, "the replacement waited out the debounce"
+    run_round(controller, group, 2)
+    assert len(group.plans[2].groups) == 3
 
 
 def test_members_that_do_not_stop_at_once_keep_the_round_running():

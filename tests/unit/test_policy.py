@@ -71,6 +71,9 @@ def test_choose_passes_the_workers_of_each_node_through_in_local_rank_order():
         (2, 0, 4, 9.0, False),  # nobody waiting
         (4, 1, 4, 9.0, False),  # already at max_nodes
         (2, 1, 4, 0.49, False),  # the burst may not be over yet
+        (3, 1, 4, 0.0, True),  # the waiting node fills the room: nothing to wait for
+        (2, 3, 4, 0.0, True),  # more waiting than there is room for
+        (1, 2, 4, 0.49, False),  # room for one more arrival
     ],
 )
 def test_scale_up(current, idle, max_nodes, since_s, expected):
