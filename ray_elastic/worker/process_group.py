@@ -217,7 +217,7 @@ class GroupHandle:
         timeout_s: the collective timeout.
         device_id: the rank's device (NCCL).
 
-    gloo: the ranks first wait for each other on the store, then connect under `form_timeout_s`.
+    gloo: formed by `form_gloo_group` (a peer lost while it connects frees the others within seconds).
     """
 
     def __init__(self, backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float,
@@ -227,36 +227,20 @@ class GroupHandle:
         self._alive = False
         self._own: set[Address] = set()
         self._peers: set[Address] = set()
-        before = _listeners() if backend == "gloo" else set()
         kwargs = {}
         if device_id is not None:
             kwargs["device_id"] = device_id
         _restart_group_names()
-        forming = timeout_s
-        if backend == "gloo" and can_set_group_timeout():
-            wait_for_every_rank(store, world_size, timeout_s)
-            forming = min(timeout_s, form_timeout_s(world_size))
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=forming),
-            **kwargs,
-        )
-        self._alive = True
-        if forming < timeout_s:
-            try:
-                set_group_timeout(timeout_s)
-            except BaseException:
-                self.destroy()
-                raise
+
+        def create(timeout: datetime.timedelta) -> None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+            self._alive = True
+
         if backend == "gloo":
-            try:
-                self._own, self._peers = exchange_listeners(store, rank, world_size, _listeners() - before)
-            except BaseException:
-                self.destroy()  # a peer vanished before publishing: leave no default group behind
-                raise
+            _, (self._own, self._peers) = form_gloo_group(store, rank, world_size, timeout_s, create,
+                                                         lambda _: self.destroy())
+        else:
+            create(datetime.timedelta(seconds=timeout_s))
 
     def sever(self) -> int:
         """Make every blocked collective of this group fail now. Safe from any thread; idempotent.
@@ -288,7 +272,7 @@ class GroupHandle:
 
 
 def exchange_listeners(store: dist.Store, rank: int, world_size: int, own: set[Address],
-                       key: str = _LISTENERS_KEY) -> tuple[set[Address], set[Address]]:
+                       key: str) -> tuple[set[Address], set[Address]]:
     """Publish this rank's gloo listening addresses under `key`; read every rank's (a closed store ends the wait)."""
     store.set(f"{key}{rank}", json.dumps(sorted(own)))
     keys = [f"{key}{r}" for r in range(world_size)]
@@ -296,26 +280,42 @@ def exchange_listeners(store: dist.Store, rank: int, world_size: int, own: set[A
     return own, peers | own
 
 
-def new_gloo_group(rank: int, world_size: int, timeout_s: float) -> tuple[Any, tuple[set[Address], set[Address]]]:
-    """A gloo group of every rank beside the default one (NCCL training's host-memory collectives), and the
-    listening addresses that identify its connections (for `shutdown_gloo_connections`).
+def form_gloo_group(store: dist.Store, rank: int, world_size: int, timeout_s: float,
+                    create: Callable[[datetime.timedelta], Any], destroy: Callable[[Any], None],
+                    name: str = "") -> tuple[Any, tuple[set[Address], set[Address]]]:
+    """Form a gloo group with `create(timeout)` so that a peer lost meanwhile frees the others within seconds.
 
-    Formed as `GroupHandle` forms a gloo default group: the ranks meet on the default group's store (the
-    round's), connect under `form_timeout_s`, exchange their listeners on the store (not over the new group,
-    where a peer lost now would hold them for the collective timeout), and the group then gets `timeout_s`.
+    The ranks meet on the round's store (an abort closes it and ends that wait), connect under
+    `form_timeout_s`, and exchange the listening addresses gloo opened on the store (not over the new group,
+    where a peer lost now would hold them for the collective timeout); the group then gets `timeout_s`.
+    `name` keeps the store keys of different groups of a round apart. A failure after `create` calls
+    `destroy(group)` and raises.
+
+    Returns:
+        the group, and (this rank's gloo listeners, every rank's) for `shutdown_gloo_connections`.
     """
-    store = dist.distributed_c10d._get_default_store()  # type: ignore[attr-defined]
     forming = timeout_s
     if can_set_group_timeout():
-        wait_for_every_rank(store, world_size, timeout_s, group="host/")
+        wait_for_every_rank(store, world_size, timeout_s, group=name)
         forming = min(timeout_s, form_timeout_s(world_size))
     before = _listeners()
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=forming))
+    group = create(datetime.timedelta(seconds=forming))
     try:
-        addresses = exchange_listeners(store, rank, world_size, _listeners() - before, key=f"{_LISTENERS_KEY}host/")
         if forming < timeout_s:
             set_group_timeout(timeout_s, group)
+        return group, exchange_listeners(store, rank, world_size, _listeners() - before, key=_LISTENERS_KEY + name)
     except BaseException:
-        dist.destroy_process_group(group)
+        destroy(group)  # a peer vanished before publishing: leave no half-formed group behind
         raise
-    return group, addresses
+
+
+def new_gloo_group(rank: int, world_size: int, timeout_s: float) -> tuple[Any, tuple[set[Address], set[Address]]]:
+    """A gloo group of every rank beside the default one (NCCL training's host-memory collectives), formed on
+    the default group's store (the round's) as `GroupHandle` forms a gloo default group."""
+    return form_gloo_group(
+        dist.distributed_c10d._get_default_store(),  # type: ignore[attr-defined]
+        rank, world_size, timeout_s,
+        create=lambda timeout: dist.new_group(backend="gloo", timeout=timeout),
+        destroy=dist.destroy_process_group,
+        name="host/",
+    )
