@@ -84,6 +84,30 @@ def _restart_group_names() -> None:
         world.group_count = 0
 
 
+def forget_cached_dtensor_specs() -> None:
+    """Drop DTensor's cached sharding decisions, which hold device meshes of earlier rounds' groups.
+
+    Device meshes compare equal across process groups (same shape, same dim names), so the cache
+    hands a parameter that `fully_shard` builds on this round's mesh a spec with an earlier round's
+    mesh: that round's coordinates and sub-groups. Seen with torch 2.13 on a 2-D (HSDP) mesh re-formed
+    with the ranks in another order: `full_tensor()` and state dicts failed on sub-groups that no longer
+    exist. The Python cache is per thread: call this on the thread that runs train_fn.
+    """
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:  # nothing was ever cached
+        return
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_native is not None:
+        clear_native()
+    propagate: Any = getattr(DTensor._op_dispatcher.sharding_propagator, "propagate_op_sharding", None)
+    if hasattr(propagate, "cache_clear"):
+        propagate.cache_clear()
+
+
 class RoundAborted(RuntimeError):
     """The round was aborted before this rank reached it."""
 
@@ -231,6 +255,7 @@ class GroupHandle:
         if device_id is not None:
             kwargs["device_id"] = device_id
         _restart_group_names()
+        forget_cached_dtensor_specs()
 
         def create(timeout: datetime.timedelta) -> None:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
