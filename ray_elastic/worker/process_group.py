@@ -231,6 +231,37 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
     return closed
 
 
+def _abort_every_group() -> int:
+    """Abort the default group and every NCCL group made beside it (HSDP's sub-groups) as torch aborts them all:
+    newest first, inside one NCCL group call so that communicators' aborts do not wait on each other.
+    Returns how many were aborted."""
+    import torch
+
+    c10d: Any = dist.distributed_c10d
+    groups = [pg for pg in sorted(c10d._world.pg_names, key=lambda pg: c10d._world.pg_names[pg], reverse=True)
+              if "nccl" in str(dist.get_backend(pg))]  # gloo side groups are severed by their own handlers
+    backend: Any = None
+    try:
+        backend = c10d._get_default_group()._get_backend(torch.device("cuda"))
+    except Exception:  # noqa: BLE001 - no CUDA backend: abort group by group
+        backend = None
+    grouped = hasattr(backend, "_group_start") and hasattr(backend, "_group_end")
+    aborted = 0
+    if grouped:
+        backend._group_start()
+    try:
+        for pg in groups:
+            try:
+                pg.abort()
+                aborted += 1
+            except Exception:  # noqa: BLE001 - abort is best effort; destroy follows
+                logger.debug("process group abort failed", exc_info=True)
+    finally:
+        if grouped:
+            backend._group_end()
+    return aborted
+
+
 class GroupHandle:
     """The default process group of one round, with a way to break it from another thread.
 
@@ -261,29 +292,36 @@ class GroupHandle:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
             self._alive = True
 
+        self._listening_before = _listeners() if backend == "gloo" else set()
         if backend == "gloo":
             _, (self._own, self._peers) = form_gloo_group(store, rank, world_size, timeout_s, create,
                                                          lambda _: self.destroy())
         else:
             create(datetime.timedelta(seconds=timeout_s))
 
+    def _round_listeners(self) -> set[Address]:
+        """gloo's listeners of this round: the default group's and those of groups made since (HSDP's sub-groups).
+
+        Groups that train_fn creates (`new_group`, `init_device_mesh`) listen on the same interface as the
+        default group; their peers' addresses were never exchanged, so only the connections this process
+        accepted are found: every pair has one acceptor, and every live rank severs on an abort.
+        """
+        hosts = {host for host, _ in self._own}
+        later = {a for a in _listeners() - self._listening_before if a[0] in hosts or is_wildcard(a[0])}
+        return self._own | later
+
     def sever(self) -> int:
-        """Make every blocked collective of this group fail now. Safe from any thread; idempotent.
+        """Make every blocked collective of this round's groups fail now. Safe from any thread; idempotent.
 
         Returns:
-            how many connections were shut down (gloo) or 1 for an NCCL abort.
+            how many connections were shut down (gloo) or groups aborted (NCCL).
         """
         with self._lock:
             if not self._alive:
                 return 0
             if self.backend != "gloo":
-                try:
-                    dist.distributed_c10d._get_default_group().abort()  # type: ignore[attr-defined]
-                    return 1
-                except Exception:  # noqa: BLE001 - abort is best effort; destroy follows
-                    logger.debug("process group abort failed", exc_info=True)
-                    return 0
-            return shutdown_gloo_connections(self._own, self._peers)
+                return _abort_every_group()
+            return shutdown_gloo_connections(self._round_listeners(), self._peers)
 
     def destroy(self) -> None:
         with self._lock:

@@ -125,3 +125,59 @@ def test_sever_shuts_gloo_connections_but_not_a_user_connection_opened_during_in
     assert rank0["user_conn_echo"] == "still here", f"a sever shut down a connection gloo does not own: {rank0}"
     assert rank0["severed"] >= 1, rank0
     assert rank1["error"] is not None and rank1["blocked_s"] < 10, f"the blocked collective must fail at once: {rank1}"
+
+
+def _subgroup_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), rank, 4, 60.0)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))  # HSDP's sub-groups
+    result: dict = {"rank": rank}
+    if rank == 1:
+        store.set("rank1_blocking", "1")
+        threading.Timer(1.0, group.sever).start()  # the coordinator's abort reaches this rank
+        started = time.monotonic()
+        try:  # with rank 3, which never joins it and holds the group open
+            dist.all_reduce(torch.ones(1), group=mesh.get_group("replicate"))
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            result["error"] = str(exc)[:200]
+        result["blocked_s"] = time.monotonic() - started
+        store.set("rank1_done", "1")
+    elif rank == 3:
+        store.wait(["rank1_blocking"])
+        time.sleep(0.5)
+        result["severed"] = group.sever()  # this rank left the round (its own error): it severs too
+    out.put(result)
+    store.wait(["rank1_done"], datetime.timedelta(seconds=60))  # the sub-groups stay alive until then
+    time.sleep(1)
+    group.destroy()
+
+
+def test_sever_reaches_the_sub_groups_of_an_hsdp_mesh_made_after_the_round_formed():
+    """Rank 1 blocks in an all-reduce of its replicate sub-group with rank 3, alive but gone from the round
+    (an HSDP rank under an abort). Once both sever, it fails at once, not at the collective timeout (60 s):
+    the sub-groups' connections are shut down too, though their addresses were never exchanged."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_subgroup_rank, args=(r, store.port, out)) for r in range(4)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, dict] = {}
+    try:
+        for _ in procs:
+            got = out.get(timeout=75)
+            results[got["rank"]] = got
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    assert results[3]["severed"] >= 1, results
+    assert results[1]["error"] is not None and results[1]["blocked_s"] < 10, f"still blocked: {results}"
