@@ -155,7 +155,8 @@ def test_interrupt_kills_the_whole_tree_children_first(tmp_path):
     proc = ScriptProcess([sys.executable, "-c", TREE], dict(os.environ), None, "[rank0]:", tmp_path, kill_grace_s=0.5)
     assert proc.start()
     deadline = time.monotonic() + 30
-    while "started" not in (tmp_path / "stdout.log").read_text() and time.monotonic() < deadline:
+    stdout = tmp_path / "stdout.log"  # created by the output pump, which may not have run yet
+    while not (stdout.exists() and "started" in stdout.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(tree) == 2
