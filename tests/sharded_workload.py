@@ -21,16 +21,24 @@ import torch
 import ray_elastic
 
 
-def _build(width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _build(width: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The MLP, fully_shard-ed on every rank (HSDP: on a 2 x world/2 mesh where the world is even and >= 4)."""
     from torch.distributed.fsdp import fully_shard
 
+    mesh = None
+    if hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = ray_elastic.get_context().world_size
+        shape = (2, world // 2) if world >= 4 and world % 2 == 0 else (1, world)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)  # every rank shards the same initial model
     model = torch.nn.Sequential(torch.nn.Linear(width, width - 2), torch.nn.Tanh(),
                                 torch.nn.Linear(width - 2, width - 4), torch.nn.Tanh(), torch.nn.Linear(width - 4, 1))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
@@ -72,10 +80,10 @@ def _log_commit(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, t
 
 
 def fsdp_train(config: dict) -> dict:
-    """config: steps, trace_dir, sleep_s, width, faults (FaultInjector, checked at the top of each step)."""
+    """config: steps, trace_dir, sleep_s, width, hsdp, faults (FaultInjector, checked at the top of each step)."""
     ctx = ray_elastic.get_context()
     trace_dir = config["trace_dir"]
-    model, opt = _build(config.get("width", 9))
+    model, opt = _build(config.get("width", 9), config.get("hsdp", False))
     state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[])
     _append(os.path.join(trace_dir, "members.log"),
             f"{ctx.round_id} {ctx.rank} {ctx.node_id} {os.getpid()} {state.restored_from}")

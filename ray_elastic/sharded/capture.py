@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ray_elastic.errors import ConfigError
 from ray_elastic.sharded.layout import EmptyOptimizer, LeafRef, LeafSpec, local_shape
@@ -59,17 +59,17 @@ def inspect_items(stateful: Mapping[str, Any]) -> ShardedItems | None:
     meshes = []
     for name, model in models.items():
         for param in _dtensor_params(model):
-            mesh, placements = param.device_mesh, param.placements
-            if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard):
+            mesh, placements = param.device_mesh, tuple(param.placements)
+            if not _is_fsdp_layout(mesh.ndim, placements):
                 raise ConfigError(
-                    f"State item {name!r} has a parameter placed {tuple(placements)} on a {mesh.ndim}-D mesh; "
-                    f"only fully_shard on a 1-D mesh over every rank (Shard placements) can be resharded. "
-                    f"Use fully_shard(model) without a 2-D (HSDP or tensor-parallel) mesh."
+                    f"State item {name!r} has a parameter placed {placements} on a {mesh.ndim}-D mesh; only "
+                    f"fully_shard on a 1-D mesh (Shard) or on a 2-D (replicate, shard) mesh (HSDP: Replicate, "
+                    f"Shard) can be resharded. Tensor-parallel and other layouts are not supported."
                 )
             meshes.append(mesh)
     mesh = meshes[0]
-    if any(m.size() != mesh.size() for m in meshes):
-        raise ConfigError("every sharded model in State must be sharded over the same ranks (one 1-D mesh).")
+    if any(m.shape != mesh.shape or not torch.equal(m.mesh, mesh.mesh) for m in meshes):
+        raise ConfigError("every sharded model in State must be sharded over the same ranks (one device mesh).")
     owner = {id(p): name for name, m in models.items() for p in m.parameters()}
     optimizers: dict[str, tuple[torch.optim.Optimizer, str]] = {}
     others: dict[str, Any] = {}
@@ -92,6 +92,44 @@ def inspect_items(stateful: Mapping[str, Any]) -> ShardedItems | None:
             )
         optimizers[name] = (obj, homes.pop() or "")
     return ShardedItems(models, optimizers, others, mesh)
+
+
+def _is_fsdp_layout(ndim: int, placements: tuple[Any, ...]) -> bool:
+    if ndim == 1:
+        return len(placements) == 1 and isinstance(placements[0], Shard)
+    return (ndim == 2 and len(placements) == 2 and isinstance(placements[0], Replicate)
+            and isinstance(placements[1], Shard))
+
+
+@dataclass(frozen=True)
+class ShardPlace:
+    """Where a rank sits in the mesh of sharded state: which shard it holds, and in which replica group.
+
+    FSDP (1-D mesh): `shards` = world size, `shard` = the rank, one replica group. HSDP (a 2-D
+    (replicate, shard) mesh): every replica group holds all `shards` shards, the same ones.
+    """
+
+    shards: int
+    shard: int
+    replica_groups: int = 1
+    replica_group: int = 0
+
+
+def place_in(mesh: Any, rank: int) -> ShardPlace:
+    """This rank's place in `mesh`, from the mesh's layout of global ranks (not its cached coordinate)."""
+    found = (mesh.mesh == rank).nonzero()
+    if found.size(0) != 1:
+        raise ConfigError(f"rank {rank} is not in the device mesh of the sharded model ({mesh}); build the mesh "
+                          f"over every rank of the round (init_device_mesh with the world size).")
+    coordinate = [int(c) for c in found[0].tolist()]
+    if mesh.ndim == 1:
+        return ShardPlace(mesh.size(0), coordinate[0])
+    return ShardPlace(mesh.size(1), coordinate[1], mesh.size(0), coordinate[0])
+
+
+def placements_of(mesh: Any, dim: int) -> list[Any]:
+    """A sharded leaf's placements on `mesh`: Shard(dim), replicated over a leading replicate dim (HSDP)."""
+    return [Replicate()] * (mesh.ndim - 1) + [Shard(dim)]
 
 
 # -- state dicts --------------------------------------------------------------------------------------
@@ -145,7 +183,7 @@ def split_trees(trees: Mapping[str, Any]) -> tuple[dict[str, Any], list[LeafSpec
 
     def visit(path: tuple[Any, ...], value: Any) -> Any:
         if isinstance(value, DTensor):
-            placement = value.placements[0]
+            placement = value.placements[-1]
             assert isinstance(placement, Shard)
             specs.append(LeafSpec("/".join(map(str, path)), tuple(value.shape), placement.dim, value.dtype))
             locals_.append(value.to_local())
@@ -165,8 +203,9 @@ def join_trees(skeleton: Mapping[str, Any], shards: list[torch.Tensor], specs: l
     def visit(path: tuple[Any, ...], value: Any) -> Any:
         if isinstance(value, LeafRef):
             spec = specs[value.index]
-            return DTensor.from_local(shards[value.index].to(device), mesh, [Shard(spec.dim)], run_check=False,
-                                      shape=torch.Size(spec.shape), stride=_contiguous_stride(spec.shape))
+            return DTensor.from_local(shards[value.index].to(device), mesh, placements_of(mesh, spec.dim),
+                                      run_check=False, shape=torch.Size(spec.shape),
+                                      stride=_contiguous_stride(spec.shape))
         if isinstance(value, torch.Tensor):
             return value.clone()
         return copy.deepcopy(value)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ray_elastic.sharded.capture import ShardedItems
+from ray_elastic.sharded.capture import ShardedItems, place_in
 from ray_elastic.sharded.durable import ShardedCheckpoints
 from ray_elastic.sharded.restore import Restored, restore
 from ray_elastic.sharded.store import ShardStore
@@ -57,6 +57,8 @@ class ShardedSession:
         self.checkpoints = checkpoints_of(self.store, session.checkpointer)
         params = [p for m in items.models.values() for p in m.parameters()]
         self.device = params[0].to_local().device if params else torch.device("cpu")  # type: ignore[attr-defined]
+        # HSDP: the replica groups hold the same shards; the first one writes the durable checkpoints
+        self.writes_checkpoints = place_in(items.mesh, session.context.rank).replica_group == 0
         self.group = self._host_group()
 
     def _host_group(self) -> Any:
@@ -92,7 +94,9 @@ class ShardedSession:
         """Take the commit (see `store.ShardStore.commit`); start its durable write when due. True: world changes."""
         stop = self.store.commit(self.items, attrs, self.session.stop_requested)
         taken, checkpoints = self.store.latest(), self.checkpoints
-        if checkpoints is not None and taken is not None and checkpoints.due(taken.commit_id):
+        due = checkpoints is not None and taken is not None and checkpoints.due(taken.commit_id)
+        if due and self.writes_checkpoints:
+            assert checkpoints is not None and taken is not None
             checkpoints.save_async(taken, self.session.context.round_id, attrs.get("step"))
         if stop and checkpoints is not None:
             checkpoints.wait()  # every rank is here: let the write of this commit finish before the group goes

@@ -1,9 +1,10 @@
 """Pure functions of sharded state: who holds which rows, where replicas go, how M shards become N.
 
 A sharded leaf (a DTensor of a model or optimizer state dict, FSDP2's
-`Shard(dim)` on a 1-D mesh) is split along `dim` the way `torch.chunk` splits:
-chunks of ceil(size / world) rows, the last ones shorter or empty. Everything
-here is a function of shapes, world sizes and ranks, so every rank computes the
+`Shard(dim)` on a 1-D mesh, or on the shard dim of a 2-D HSDP mesh) is split along
+`dim` the way `torch.chunk` splits: chunks of ceil(size / shards) rows, the last
+ones shorter or empty. Here "world" and "rank" count shards (FSDP: ranks). Everything
+here is a function of shapes, shard counts and indices, so every rank computes the
 same plan without asking the others.
 """
 
@@ -186,7 +187,8 @@ class RestoreChoice:
     lost_commit_id: int = -1
 
 
-def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
+def choose_restore(holdings: Sequence[Sequence[Holding]], new_shard_of: Sequence[int] = (),
+                   new_shards: int = 0) -> RestoreChoice:
     """Pick the newest fully covered commit, and for each old shard the holder that keeps most of it local.
 
     Each old shard is sent by the holder (own copy or replica) whose new shard overlaps it most, so
@@ -194,6 +196,8 @@ def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
 
     Args:
         holdings: per new rank, what it holds.
+        new_shard_of: per new rank, the shard it will hold (default: its rank); `new_shards` of them (HSDP:
+            fewer than ranks, each held by every replica group).
 
     Returns:
         The choice; `commit_id == -1` with `lost` set when the newest commit anyone took
@@ -210,6 +214,8 @@ def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
                 rest.setdefault((h.commit_id, h.world), []).append(new_rank)
     if not by_commit:
         return RestoreChoice(commit_id=-1)
+    shard_of = list(new_shard_of) or list(range(len(holdings)))
+    shards = new_shards or len(holdings)
     newest = max(by_commit)
     for key in sorted(by_commit, reverse=True):
         commit_id, world = key
@@ -218,7 +224,7 @@ def choose_restore(holdings: Sequence[Sequence[Holding]]) -> RestoreChoice:
             load = [0] * len(holdings)
             sources = []
             for k in range(world):
-                pick = max(cover[k], key=lambda r: (_overlap(k, world, r, len(holdings)), -load[r], -r))
+                pick = max(cover[k], key=lambda r: (_overlap(k, world, shard_of[r], shards), -load[r], -r))
                 load[pick] += 1
                 sources.append(pick)
             return RestoreChoice(commit_id, world, tuple(sources), min(rest[key]))
@@ -261,13 +267,18 @@ def reshard_pieces(specs: Sequence[LeafSpec], old_world: int, new_world: int) ->
     return out
 
 
-def transfer_plan(specs: Sequence[LeafSpec], old_world: int, new_world: int,
-                  sources: Sequence[int]) -> dict[tuple[int, int], list[Piece]]:
-    """(sending new rank, receiving new rank) -> the pieces it sends, in order (self-sends included)."""
+def transfer_plan(specs: Sequence[LeafSpec], old_world: int, new_world: int, sources: Sequence[int],
+                  new_shard_of: Sequence[int] = ()) -> dict[tuple[int, int], list[Piece]]:
+    """(sending new rank, receiving new rank) -> the pieces it sends, in order (self-sends included).
+
+    `old_world` and `new_world` count shards; `new_shard_of[rank]` is the new shard a rank needs
+    (default: its rank). HSDP: every replica group receives each new shard, from the same sender.
+    """
     plan: dict[tuple[int, int], list[Piece]] = {}
-    for j, pieces in reshard_pieces(specs, old_world, new_world).items():
-        for piece in pieces:
-            plan.setdefault((sources[piece.old_rank], j), []).append(piece)
+    pieces = reshard_pieces(specs, old_world, new_world)
+    for receiver, shard in enumerate(new_shard_of or range(new_world)):
+        for piece in pieces[shard]:
+            plan.setdefault((sources[piece.old_rank], receiver), []).append(piece)
     return plan
 
 

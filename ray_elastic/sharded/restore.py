@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ray_elastic.errors import SnapshotLostError
 from ray_elastic.sharded import comm
-from ray_elastic.sharded.capture import ShardedItems, empty_shards, join_trees, load_state_dicts
+from ray_elastic.sharded.capture import ShardedItems, empty_shards, join_trees, load_state_dicts, place_in
 from ray_elastic.sharded.layout import choose_restore, chunk_range, describe_lost, transfer_plan
 from ray_elastic.sharded.store import ShardStore
 
@@ -57,11 +57,13 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
             durable checkpoint exists.
     """
     multi = dist.is_initialized() and world > 1
-    mine = (node_id, store.holdings())
+    place = place_in(items.mesh, rank)
+    mine = (node_id, store.holdings(), place.shard)
     everyone = comm.all_gather_objects(mine, group) if multi else [mine]
-    nodes = tuple(node for node, _ in everyone)
-    store.begin_round(rank, world, nodes, group)
-    choice = choose_restore([list(held) for _, held in everyone])
+    nodes = tuple(node for node, _, _ in everyone)
+    shard_of = tuple(shard for _, _, shard in everyone)
+    store.begin_round(rank, world, nodes, group, shard_of, place.replica_groups)
+    choice = choose_restore([list(held) for _, held, _ in everyone], shard_of, place.shards)
     if choice.commit_id >= 0:
         generation = store.generation(choice.commit_id, choice.world)
         rest = None
@@ -71,22 +73,20 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
         rest = comm.broadcast_object(rest, choice.rest_source, group) if multi else rest
         assert rest is not None
         specs = rest["specs"]
-        store.check_memory(specs, world, live_on_host=device.type == "cpu")
-        plan = transfer_plan(specs, choice.world, world, choice.sources)
+        store.check_memory(specs, live_on_host=device.type == "cpu")
+        plan = transfer_plan(specs, choice.world, place.shards, choice.sources, shard_of)
         flats = {}
         if generation is not None:
             flats = {k: generation.flat(k) for k in range(choice.world) if choice.sources[k] == rank}
-        shards = empty_shards(specs, world, rank)
-        starts = [chunk_range(s.shape[s.dim], world, rank)[0] for s in specs]
+        shards = empty_shards(specs, place.shards, place.shard)
+        starts = [chunk_range(s.shape[s.dim], place.shards, place.shard)[0] for s in specs]
         comm.reshard(plan, specs, choice.world, rank, world, flats, shards, starts, group)
         load_state_dicts(items, join_trees(rest["items"], shards, specs, items.mesh, device))
         store.keep_only(generation, choice.commit_id)
         return Restored("memory" if generation is not None else "peer", rest["attrs"], choice.commit_id, choice.world)
     lost_message = ""
     if choice.lost:
-        old_nodes = _old_nodes(store, everyone, choice.lost_commit_id)
-        lost_message = (f"commit {choice.lost_commit_id}: the shards of old {describe_lost(choice.lost, old_nodes)} "
-                        f"and every replica of them are gone")
+        lost_message = _lost_sentence(store, choice.lost, choice.lost_commit_id)
     newest = None
     if checkpoints is not None:
         found = checkpoints.newest() if rank == 0 else None
@@ -96,8 +96,8 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
         from pathlib import Path
 
         rest = checkpoints.read_rest(Path(newest))
-        store.check_memory(rest["specs"], world, live_on_host=device.type == "cpu")
-        shards = checkpoints.load(Path(newest), rest, world, rank)
+        store.check_memory(rest["specs"], live_on_host=device.type == "cpu")
+        shards = checkpoints.load(Path(newest), rest, place.shards, place.shard)
         load_state_dicts(items, join_trees(rest["items"], shards, rest["specs"], items.mesh, device))
         store.keep_only(None, rest["commit_id"])
         return Restored("storage", rest["attrs"], rest["commit_id"], rest["world"], choice.lost,
@@ -111,9 +111,12 @@ def restore(store: ShardStore, items: ShardedItems, rank: int, world: int, node_
     return Restored("fresh", None, -1, world)
 
 
-def _old_nodes(store: ShardStore, everyone: list[Any], commit_id: int) -> dict[int, str]:
-    """Node of each old rank of `commit_id`, as far as this rank knows (from a generation it holds)."""
-    for generation in (store.current, store.pending):
-        if generation is not None and generation.commit_id == commit_id:
-            return dict(enumerate(generation.nodes))
-    return {}
+def _lost_sentence(store: ShardStore, lost: tuple[int, ...], commit_id: int) -> str:
+    """Which shards of `commit_id` are gone, with their old ranks' nodes as far as this rank knows."""
+    taken = next((g for g in (store.current, store.pending) if g is not None and g.commit_id == commit_id), None)
+    if taken is not None and taken.replica_groups > 1:
+        which = ", ".join(map(str, lost))
+        return (f"commit {commit_id}: old shard{'s' if len(lost) > 1 else ''} {which} of the HSDP mesh and its "
+                f"copy in every replica group are gone")
+    old_nodes = dict(enumerate(taken.nodes)) if taken is not None else {}
+    return f"commit {commit_id}: the shards of old {describe_lost(lost, old_nodes)} and every replica of them are gone"

@@ -58,16 +58,21 @@ logger = logging.getLogger("ray_elastic")
 
 @dataclass
 class Generation:
-    """One commit as this process holds it: its own shards of it, replicas of others', the replicated rest."""
+    """One commit as this process holds it: its own shard of it, replicas of others', the replicated rest.
+
+    `world` and `rank` count shards: the shards the commit was split into and the one this process
+    holds (FSDP: the world size and the rank; HSDP: the mesh's shard dimension, `replica_groups` copies).
+    """
 
     commit_id: int
     world: int
     rank: int
     specs: list[LeafSpec]
     own: torch.Tensor
-    replicas: dict[int, torch.Tensor]
+    replicas: dict[int, torch.Tensor]  # by shard
     rest: dict[str, Any]  # {"items": skeletons, "attrs": ...}: the same on every rank
-    nodes: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()  # node of each rank of the round it was taken in
+    replica_groups: int = 1
 
     def holding(self) -> Holding:
         return Holding(self.commit_id, self.world, frozenset({self.rank, *self.replicas}), True)
@@ -81,15 +86,20 @@ class Generation:
 
 @dataclass
 class InFlight:
-    """An overlapped commit's replica transfer, still running: the exchange and the buffers it fills."""
+    """An overlapped commit's replica transfer, still running: the exchange, the buffers it fills, its round."""
 
     exchange: comm.ReplicaExchange
     spares: dict[int, torch.Tensor]
+    round: RoundInfo
 
 
 @dataclass
 class RoundInfo:
-    """What the current round's commits need: the group for host collectives and where ranks live."""
+    """What the current round's commits need: the group for host collectives, where ranks live, who holds what.
+
+    Shards are indexed in the mesh's shard dimension: with FSDP shard k is rank k's; with HSDP every
+    replica group holds all `shards` of them (`shard_of[rank]`), and those groups are the replicas.
+    """
 
     rank: int
     world: int
@@ -97,6 +107,23 @@ class RoundInfo:
     group: Any = None  # None: the default group
     holders: list[list[int]] = field(default_factory=list)
     checked: bool = False  # the memory check of this round's layout passed
+    shard_of: tuple[int, ...] = ()  # per rank: the shard it holds (default: its rank)
+    replica_groups: int = 1  # HSDP: how many copies of every shard the mesh itself keeps
+
+    def __post_init__(self) -> None:
+        self.shard_of = self.shard_of or tuple(range(self.world))
+
+    @property
+    def shards(self) -> int:
+        return self.world // self.replica_groups
+
+    @property
+    def shard(self) -> int:
+        return self.shard_of[self.rank]
+
+    def keyed_by_shard(self, buffers: dict[int, torch.Tensor], ranks: set[int]) -> dict[int, torch.Tensor]:
+        """Replica buffers received from `ranks` (of `buffers`, by sending rank), keyed by the shard they hold."""
+        return {self.shard_of[k]: buffers[k] for k in ranks}
 
 
 class ShardStore:
@@ -127,10 +154,17 @@ class ShardStore:
         self._stream: Any = None
 
     # -- rounds ---------------------------------------------------------------------------------------
-    def begin_round(self, rank: int, world: int, nodes: tuple[str, ...], group: Any = None) -> None:
-        self.round = RoundInfo(rank, world, nodes, group, replica_holders(nodes, self.replicas))
+    def begin_round(self, rank: int, world: int, nodes: tuple[str, ...], group: Any = None,
+                    shard_of: tuple[int, ...] = (), replica_groups: int = 1) -> None:
+        """Start a round. HSDP (`replica_groups` > 1): the mesh's replica groups are the copies; none are sent."""
+        holders = replica_holders(nodes, self.replicas) if replica_groups == 1 else [[] for _ in nodes]
+        self.round = RoundInfo(rank, world, nodes, group, holders, shard_of=shard_of, replica_groups=replica_groups)
 
-    def check_memory(self, specs: list[LeafSpec], world: int, live_on_host: bool) -> None:
+    def copies_sent(self) -> int:
+        """Replicas this round sends of each shard (HSDP: none, its replica groups hold the copies)."""
+        return self.replicas if self.round is None or self.round.replica_groups == 1 else 0
+
+    def check_memory(self, specs: list[LeafSpec], live_on_host: bool) -> None:
         """Raise ConfigError on every rank if some rank cannot hold its share of the state (a collective).
 
         Each rank compares what it would need with the memory available to it (its node's free
@@ -140,7 +174,7 @@ class ShardStore:
         assert info is not None
         local = max(1, sum(1 for n in info.nodes if n == info.nodes[info.rank]))
         available = self._available() // local + self.bytes_held() + sum(b.numel() for b in self._pool)
-        verdict = memory_verdict(specs, world, self.replicas, available, live_on_host)
+        verdict = memory_verdict(specs, info.shards, self.copies_sent(), available, live_on_host)
         multi = info.world > 1 and dist.is_initialized()
         if (comm.agree(verdict is not None, info.group) if multi else verdict is not None):
             raise ConfigError(verdict or "another rank cannot hold its share of the sharded state in memory; "
@@ -222,13 +256,14 @@ class ShardStore:
                 self._keep_pending(box[-1], spares, received)
             raise
         if box:
-            box[-1].replicas = {k: spares[k] for k in received}
+            box[-1].replicas = info.keyed_by_shard(spares, received)
             self._replace_current(box[-1])
         self.commit_id = commit_id
         return stop
 
     def _keep_pending(self, taken: Generation, spares: dict[int, torch.Tensor], received: set[int]) -> None:
-        taken.replicas = {k: spares[k] for k in received}
+        assert self.round is not None
+        taken.replicas = self.round.keyed_by_shard(spares, received)
         self.pending = taken
         self._recycle([b for k, b in spares.items() if k not in received])
 
@@ -258,7 +293,7 @@ class ShardStore:
                     self._keep_pending(box[-1], spares, received)
                 raise
             if stop:
-                box[-1].replicas = {k: spares[k] for k in received}
+                box[-1].replicas = info.keyed_by_shard(spares, received)
                 self._replace_current(box[-1])
             else:
                 self.pending = box[-1]  # its replicas arrive in flight (land)
@@ -279,7 +314,7 @@ class ShardStore:
             flight.exchange.finish(timeout)
         finally:
             got = flight.exchange.received
-            self.pending.replicas = {k: flight.spares[k] for k in got}
+            self.pending.replicas = flight.round.keyed_by_shard(flight.spares, got)
             self._recycle([b for k, b in flight.spares.items() if k not in got])
 
     def settle(self, timeout: timedelta | None = LAND_TIMEOUT) -> None:
@@ -304,18 +339,18 @@ class ShardStore:
         copy. If the exchange fails, the packing is still finished (it is local) before the error leaves.
         """
         skeleton, specs, shards = split_trees(live_state_dicts(items))
-        check_shards(specs, shards, info.world, info.rank)
+        check_shards(specs, shards, info.shards, info.shard)
         on_gpu = any(s.is_cuda for s in shards)
         if not info.checked:
-            self.check_memory(specs, info.world, live_on_host=not on_gpu)
-        layout = FlatLayout.of(specs, info.world, info.rank)
+            self.check_memory(specs, live_on_host=not on_gpu)
+        layout = FlatLayout.of(specs, info.shards, info.shard)
         own = self._take(layout.total, pinned=on_gpu)
-        views = [leaf_view(own, specs, layout, i, info.world, info.rank) for i in range(len(specs))]
+        views = [leaf_view(own, specs, layout, i, info.shards, info.shard) for i in range(len(specs))]
         rest = {"items": skeleton, "attrs": copy.deepcopy(attrs)}
-        taken = Generation(commit_id, info.world, info.rank, specs, own, {}, rest, info.nodes)
+        taken = Generation(commit_id, info.shards, info.shard, specs, own, {}, rest, info.nodes, info.replica_groups)
         exchange = None
         if sources is not None:
-            sizes = {s: FlatLayout.of(specs, info.world, s).total for s in sources}
+            sizes = {s: FlatLayout.of(specs, info.shards, info.shard_of[s]).total for s in sources}
             spares.update({s: self._take(sizes[s], on_gpu) for s in sources})
             exchange = comm.ReplicaExchange(own, info.rank, info.holders, sizes, spares, info.group)
         try:
@@ -334,7 +369,7 @@ class ShardStore:
         box.append(taken)
         if exchange is not None and not wait:
             exchange.send_ready(own.numel())
-            self.inflight = InFlight(exchange, spares)
+            self.inflight = InFlight(exchange, spares, info)
         elif exchange is not None:
             try:
                 exchange.finish()

@@ -43,7 +43,7 @@ def _trained_at(run, trace, world_size: int, steps: int) -> dict:
     return formed
 
 
-def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, **run_kwargs):
+def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, hsdp: bool = False, **run_kwargs):
     """A run of fsdp_train on `nodes` nodes (min one less), trained 2 steps at full size, and rank `victim` told
     to SIGKILL itself at its next fault check (right after a commit returned). Returns the run, the full-size
     round_formed event, and how many scale-ups to full size came before the kill (it may start one node short)."""
@@ -52,7 +52,7 @@ def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, **run_kwa
     triggers.mkdir()
     faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
-                                                      "faults": faults},
+                                                      "faults": faults, "hsdp": hsdp},
                         min_nodes=nodes - 1, max_nodes=nodes, max_restarts=1, **run_kwargs)
     formed = _trained_at(run, trace, world_size=nodes, steps=2)
     grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == nodes
@@ -61,12 +61,14 @@ def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, **run_kwa
     return run, formed, grown_before
 
 
-def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path):
+@pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp", "hsdp"])
+def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_leaks, trace, figures, tmp_path, hsdp):
     """4 nodes; rank 2 SIGKILLs itself right after a commit returned (the worst moment: that commit's shard
     of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
     resharded 4 -> 3 from their shards and rank 2's replica; 0 steps redone. Its replacement then joins
-    (3 -> 4), resharded from memory, the survivors not restarted."""
-    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 4, victim=2)
+    (3 -> 4), resharded from memory, the survivors not restarted. HSDP: a 2 x 2 mesh, where rank 2's shard
+    is held by rank 0 (the other replica group) and no replica is sent; 1 x 3 after the loss, 2 x 2 again."""
+    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 4, victim=2, hsdp=hsdp)
     shrunk = run.wait_for("round_formed", world_size=3, cause="restart")
     grown = run.wait_for("round_formed", count=grown_before + 1, world_size=4, cause="scale-up", timeout_s=120)
     steps = trace.stop_at(trace.commits()[-1].step + 8)
@@ -74,9 +76,10 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
     kill = trace.fired()[0]
     first_after = trace.first_commit_after(kill.wall)
     restores = read_restores(str(trace.dir))
-    figures(19, "FSDP2 rank SIGKILL (4 -> 3)", detection_s=detection_s(result.events, kill.wall),
+    kind = "HSDP" if hsdp else "FSDP2"
+    figures(19, f"{kind} rank SIGKILL (4 -> 3)", detection_s=detection_s(result.events, kill.wall),
             recovery_s=trace.recovery_s(kill.wall), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
-    figures(21, "FSDP2 rank joins (3 -> 4)", steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    figures(21, f"{kind} rank joins (3 -> 4)", steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     timeline = [(e.kind, round(e.time - kill.wall, 3), e.message) for e in result.events]
     assert kill.rank == 2 and formed["time"] < kill.wall < shrunk["time"] < grown["time"], timeline
     assert first_after is not None and first_after.step == kill.step + 1, "the last commit survived: 0 redone"
@@ -86,7 +89,8 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
     assert grow_round in [r["round"] for r in restores], "the scale-up round restored too"
     _exact(restores)
     members = read_members(str(trace.dir))
-    assert all(m["source"] == "memory" for m in members if m["round"] == shrink_round), "3 survivors, from memory"
+    assert all(m["source"] == "memory" for m in members if m["round"] == shrink_round), ("3 survivors, from memory",
+                                                                                          members)
     newcomers = [m for m in members if m["round"] == grow_round and m["source"] == "peer"]
     assert len(newcomers) == 1 and newcomers[0]["pid"] != kill.pid, "the replacement received its shards"
     before = {m["pid"] for m in members if m["round"] == formed["round_id"]} - {kill.pid}

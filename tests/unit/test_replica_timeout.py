@@ -51,7 +51,7 @@ def _outcome(call) -> str:
 
 def _run(rank: int, port: int) -> dict:
     from ray_elastic.sharded import comm
-    from ray_elastic.sharded.store import Generation, InFlight, ShardStore
+    from ray_elastic.sharded.store import Generation, InFlight, RoundInfo, ShardStore
 
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=30))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
@@ -64,7 +64,7 @@ def _run(rank: int, port: int) -> dict:
         return {"finish": finish, "received": sorted(exchange.received), "barrier": _outcome(dist.barrier)}
     shards = ShardStore(replicas=1, overlap=True)
     shards.pending = Generation(commit_id=0, world=2, rank=0, specs=[], own=own, replicas={}, rest={})
-    shards.inflight = InFlight(exchange, {1: spare})
+    shards.inflight = InFlight(exchange, {1: spare}, RoundInfo(0, 2, ("a", "b")))
     started = time.monotonic()
     land = _outcome(lambda: shards.land(timedelta(seconds=0.3)))
     gave_up_after = time.monotonic() - started

@@ -57,14 +57,22 @@ def test_an_optimizer_built_before_fully_shard_is_rejected(world_of_one):
         State(model=model, opt=opt)
 
 
-def test_a_two_dimensional_mesh_is_rejected(world_of_one):
+def test_a_tensor_parallel_layout_is_rejected_and_hsdp_is_accepted(world_of_one):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    model = _mlp()
-    fully_shard(model, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))
-    with pytest.raises(ConfigError, match="2-D mesh"):
-        State(model=model, opt=torch.optim.SGD(model.parameters(), lr=0.1))
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    tp = _mlp()
+    for layer in (tp[0], tp[2]):  # FSDP + tensor parallel: sharded along both mesh dims
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0), Shard(1)]))
+        layer.bias = torch.nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Shard(0), Shard(0)]))
+    with pytest.raises(ConfigError, match=r"placed \(Shard\(dim=0\), Shard\(dim=1\)\) on a 2-D mesh.*HSDP"):
+        State(model=tp, opt=torch.optim.SGD(tp.parameters(), lr=0.1))
+    hsdp = _mlp()
+    fully_shard(hsdp, mesh=mesh)
+    state = State(model=hsdp, opt=torch.optim.SGD(hsdp.parameters(), lr=0.1))
+    state.commit()
 
 
 def test_a_world_that_cannot_hold_the_state_in_memory_is_rejected_at_the_first_commit(world_of_one):

@@ -152,3 +152,22 @@ def test_flat_layout_views_are_aligned_and_disjoint():
         for i, view in enumerate(views):
             assert bool((view == i + 1).all()), "no view overlaps another"
         assert all(offset % 64 == 0 for offset in layout.offsets)
+
+
+def test_hsdp_restore_takes_a_lost_ranks_shard_from_the_other_replica_group_and_feeds_every_group():
+    # old mesh 2 x 2: ranks 0, 1 hold shards 0, 1; ranks 2, 3 hold them again. Rank 1 is lost; the 3 survivors
+    # (old ranks 0, 2, 3) form a 1 x 3 mesh, then a newcomer makes it 2 x 2 with the ranks in another order.
+    holdings = [[Holding(7, 2, frozenset({0}), True)], [Holding(7, 2, frozenset({0}), True)],
+                [Holding(7, 2, frozenset({1}), True)]]
+    choice = choose_restore(holdings, (0, 1, 2), 3)
+    assert choice.commit_id == 7 and choice.sources[1] == 2, "shard 1 from its copy in the other replica group"
+    assert choice.sources[0] in (0, 1)
+    specs = [LeafSpec("w", (7, 3), 0, torch.float32)]
+    grown = choose_restore(holdings + [[]], (1, 0, 1, 0), 2)
+    assert grown.sources[0] == 1, "old shard 0 from new rank 1, which keeps all of it as its new shard 0"
+    plan = transfer_plan(specs, 2, 2, grown.sources, (1, 0, 1, 0))
+    for receiver, shard in enumerate((1, 0, 1, 0)):
+        rows = sorted(r for (_, dst), pieces in plan.items() if dst == receiver for p in pieces
+                      for r in range(p.start, p.stop))
+        assert rows == list(range(*chunk_range(7, 2, shard))), (receiver, rows)
+    assert all(src != 3 for src, _ in plan), "the newcomer holds nothing to send"

@@ -13,6 +13,10 @@ and Adam:
 
 After each restore the gathered (full) model and optimizer state must equal, bitwise,
 the one gathered right after the last commit of the previous phase.
+
+The same again with HSDP (a replicate x shard mesh, `HSDP_PHASES`): there the other
+replica group's copy of a lost rank's shard is what restores it, and the mesh changes
+shape from round to round (2 x 2, 1 x 3, 2 x 2 with the ranks in another order).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,17 +34,47 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.timeout(150)
 
+@dataclass(frozen=True)
+class Phase:
+    """One round: which processes take part (in rank order), how each must restore, what it must equal."""
+
+    name: str
+    members: list[int]
+    expected: str | tuple[str, ...]  # every rank's restore source, or each rank's in rank order
+    after: str = ""  # the phase whose last commit the restored state must equal
+    trains: bool = True
+    new_run: bool = False  # empty stores, as a run started with resume=True
+
+
 PHASES = [
-    ("p1", [0, 1, 2, 3], "fresh"),
-    ("p2", [0, 1, 3], "memory"),
-    ("p3", [0, 1, 3, 4], "memory"),
-    ("p4", [0, 4], "storage"),
-    ("p5", [0, 2, 4], "storage"),
+    Phase("p1", [0, 1, 2, 3], "fresh"),
+    Phase("p2", [0, 1, 3], "memory", after="p1"),
+    Phase("p3", [0, 1, 3, 4], ("memory", "memory", "memory", "peer"), after="p2"),  # the newcomer receives
+    Phase("p4", [0, 4], "storage", after="p3", trains=False),
+    Phase("p5", [0, 2, 4], "storage", after="p3", trains=False, new_run=True),
+]
+# HSDP: a (2, world / 2) replicate x shard mesh where the world is even and >= 4, else one replica group
+HSDP_PHASES = [
+    Phase("h1", [0, 1, 2, 3], "fresh"),  # shards 0, 1 held by replica groups (procs 0, 1) and (2, 3)
+    Phase("h2", [0, 2, 3], "memory", after="h1"),  # proc 1 gone: its shard from proc 3; 2 shards -> 3
+    Phase("h3", [0, 2, 3, 4], ("memory", "memory", "memory", "peer"), after="h2"),  # proc 4 joins: 1 x 3 -> 2 x 2
+    Phase("h4", [2, 3, 0, 4], "memory", after="h3"),  # the same mesh with the ranks in another order
+    Phase("h5", [2, 0], "storage", after="h4", trains=False),  # procs 3 and 4, both copies of shard 1, gone
+    Phase("h6", [1, 2, 0], "storage", after="h4", trains=False, new_run=True),
 ]
 STEPS = 2
 
 
-def _build():
+def _mesh(world: int, hsdp: bool):
+    if not hsdp:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (2, world // 2) if world >= 4 and world % 2 == 0 else (1, world)
+    return init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+
+
+def _build(mesh=None):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -47,8 +82,8 @@ def _build():
                                 torch.nn.Linear(3, 2))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
@@ -81,55 +116,55 @@ def _bitwise_diff(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def _proc(proc: int, port: int, tmp: str) -> None:
+def _proc(proc: int, port: int, tmp: str, phases=PHASES, hsdp: bool = False) -> None:
     from ray_elastic.sharded import comm
-    from ray_elastic.sharded.capture import inspect_items
+    from ray_elastic.sharded.capture import inspect_items, place_in
     from ray_elastic.sharded.durable import ShardedCheckpoints
     from ray_elastic.sharded.restore import restore
     from ray_elastic.sharded.store import ShardStore
+    from ray_elastic.worker.process_group import forget_cached_dtensor_specs
 
     torch.set_num_threads(1)
     tcp = dist.TCPStore("127.0.0.1", port, is_master=proc == 0, wait_for_workers=False)
     store = ShardStore(replicas=1)
     run_dir = Path(tmp) / "run"
-    for round_id, (name, members, _expected) in enumerate(PHASES):
-        if proc not in members:
+    for round_id, phase in enumerate(phases):
+        if proc not in phase.members:
             continue
-        if name == "p5":
-            store = ShardStore(replicas=1)  # a new run resuming from storage
-        rank, world = members.index(proc), len(members)
-        dist.init_process_group("gloo", store=dist.PrefixStore(name, tcp), rank=rank, world_size=world)
-        model, opt = _build()
+        if phase.new_run:
+            store = ShardStore(replicas=1)
+        rank, world = phase.members.index(proc), len(phase.members)
+        forget_cached_dtensor_specs()  # as a worker does when its round's group forms
+        dist.init_process_group("gloo", store=dist.PrefixStore(phase.name, tcp), rank=rank, world_size=world)
+        model, opt = _build(_mesh(world, hsdp))
         items = inspect_items({"model": model, "optimizer": opt})
         checkpoints = ShardedCheckpoints(run_dir, every=1, keep=2)
         store.set_busy(checkpoints.busy)
         restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"), None, checkpoints)
         summary = comm.all_gather_objects((restored.source, restored.commit_id, restored.lost), None)
-        if round_id:
+        diff: list[str] = []
+        if phase.after:
             after = _full(model, opt)
             if rank == 0:
-                before = torch.load(Path(tmp) / f"{PHASES[round_id - 1 if name != 'p5' else 2][0]}.pt",
-                                    weights_only=False)
-                diff = _bitwise_diff(before, after)
-                (Path(tmp) / f"{name}.json").write_text(json.dumps({"summary": summary, "diff": diff}))
-        else:
-            if rank == 0:
-                (Path(tmp) / f"{name}.json").write_text(json.dumps({"summary": summary, "diff": []}))
+                diff = _bitwise_diff(torch.load(Path(tmp) / f"{phase.after}.pt", weights_only=False), after)
+        if rank == 0:
+            (Path(tmp) / f"{phase.name}.json").write_text(json.dumps({"summary": summary, "diff": diff}))
         attrs = dict(restored.attrs or {"step": 0})
-        if name in ("p4", "p5"):
+        if not phase.trains:
             dist.barrier()
             dist.destroy_process_group()
             continue
+        writes = place_in(items.mesh, rank).replica_group == 0  # HSDP: the first replica group writes
         for _ in range(STEPS):
             attrs["step"] += 1
             _step(model, opt, seed=100 * attrs["step"] + rank)
             store.commit(items, attrs, lambda: False)
-            if store.current is not None and store.current.commit_id == store.commit_id:
+            if writes and store.current is not None and store.current.commit_id == store.commit_id:
                 checkpoints.save_async(store.current, round_id, attrs["step"])
         checkpoints.wait()
         full = _full(model, opt)
         if rank == 0:
-            torch.save(full, Path(tmp) / f"{name}.pt")
+            torch.save(full, Path(tmp) / f"{phase.name}.pt")
         _step(model, opt, seed=999)  # uncommitted work, lost by the next phase
         dist.barrier()
         dist.destroy_process_group()
@@ -141,23 +176,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sharded_state_survives_loss_growth_and_double_loss_resharded(tmp_path):
+def _run_phases(tmp_path, phases, hsdp: bool) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_proc, args=(_free_port(), str(tmp_path)), nprocs=5, join=True)
-    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name, _, _ in PHASES}
-    for name, _members, expected in PHASES:
-        summary, diff = results[name]["summary"], results[name]["diff"]
-        assert not diff, f"{name}: the restored full state differs from the last commit: {diff[:5]}"
-        sources = [s for s, _, _ in summary]
-        if name == "p3":
-            assert sources == ["memory", "memory", "memory", "peer"], "the newcomer (rank 3) received its shards"
-        else:
-            assert set(sources) == {expected}, f"{name}: {summary}"
+    procs = 1 + max(p for phase in phases for p in phase.members)
+    mp.spawn(_proc, args=(_free_port(), str(tmp_path), phases, hsdp), nprocs=procs, join=True)
+    results = {phase.name: json.loads((tmp_path / f"{phase.name}.json").read_text()) for phase in phases}
+    for phase in phases:
+        summary, diff = results[phase.name]["summary"], results[phase.name]["diff"]
+        assert not diff, f"{phase.name}: the restored full state differs from the last commit: {diff[:5]}"
+        expected = phase.expected if isinstance(phase.expected, tuple) else (phase.expected,) * len(phase.members)
+        assert tuple(s for s, _, _ in summary) == expected, f"{phase.name}: {summary}"
+    checkpoints = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert len(checkpoints) == 2 and all(c.startswith("checkpoint_") for c in checkpoints), checkpoints
+    return results
+
+
+def test_sharded_state_survives_loss_growth_and_double_loss_resharded(tmp_path):
+    results = _run_phases(tmp_path, PHASES, hsdp=False)
     assert results["p2"]["summary"][0][1] == STEPS - 1, "restored the last commit of phase 1"
     assert results["p4"]["summary"][0][2] == [1], "old rank 1's shard and its only replica (old rank 2) were lost"
     assert results["p5"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
-    checkpoints = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert len(checkpoints) == 2 and all(c.startswith("checkpoint_") for c in checkpoints), checkpoints
+
+
+def test_hsdp_state_survives_loss_growth_reorder_and_a_lost_shard_resharded(tmp_path):
+    """HSDP: a replica group's copy stands in for a lost rank's shard; meshes change shape (2x2, 1x3, 2x2)."""
+    results = _run_phases(tmp_path, HSDP_PHASES, hsdp=True)
+    assert results["h2"]["summary"][0][1] == STEPS - 1, "restored the last commit of phase 1"
+    assert results["h5"]["summary"][0][2] == [1], "shard 1 and its copy in the other replica group were lost"
+    assert results["h6"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
 
 
 # -- a rank lost inside a commit ------------------------------------------------------------------------
