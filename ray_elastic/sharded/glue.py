@@ -80,8 +80,9 @@ class ShardedSession:
         restored = restore(self.store, self.items, ctx.rank, ctx.world_size, ctx.node_id, self.device,
                            self.group, self.checkpoints)
         if restored.source == "storage" and restored.lost and ctx.rank == 0:
+            shards = place_in(self.items.mesh, ctx.rank).shards  # FSDP: the world size
             message = (f"{restored.lost_message}; restored the newest durable checkpoint (commit "
-                       f"{restored.commit_id}) resharded from {restored.world} to {ctx.world_size} ranks")
+                       f"{restored.commit_id}) resharded from {restored.world} to {shards} shards")
             logger.warning(message)
             add_event = getattr(self.session, "add_event", None)
             if add_event is not None:
