@@ -8,8 +8,11 @@ in the same round. The workload is `workloads/fsdp_loops.py` (`--params` M param
 checkpoints; ray_elastic on 2 simulated nodes × 2 ranks, `State.commit()` every step, with one
 replica on the other node (the default), the same with the transfer overlapped with the next step
 (`shard_replica_overlap=True`), with none, and with replicas refreshed every 10th commit.
+With `--hsdp` both sides train HSDP on a 2 x 2 (replicate x shard) mesh, a replica group per
+node, and ray_elastic commits every step with no replica sent (the other group holds the copy).
 
     .venv/bin/python benchmarks/fsdp_overhead.py --params 10 --rounds 10
+    .venv/bin/python benchmarks/fsdp_overhead.py --params 10 --rounds 10 --hsdp
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ class System:
     overlap: bool = False
 
 
+HSDP_SYSTEMS = (
+    System("torchrun"),
+    System("ray_elastic, HSDP, commit every step (the replica groups are the copies)", True, 1, 1),
+)
 SYSTEMS = (
     System("torchrun"),
     System("ray_elastic, replica every commit", True, 1, 1),
@@ -64,7 +71,8 @@ SYSTEMS = (
 )
 
 
-def start_systems(stack: contextlib.ExitStack, turns: Turns, shape: dict[str, Any]) -> list[Any]:
+def start_systems(stack: contextlib.ExitStack, turns: Turns, shape: dict[str, Any],
+                  systems: tuple[System, ...]) -> list[Any]:
     from ray import cloudpickle
     from workloads import loops
     from workloads.fsdp_loops import fsdp_elastic_train
@@ -76,10 +84,10 @@ def start_systems(stack: contextlib.ExitStack, turns: Turns, shape: dict[str, An
     groups = ProcessGroups()
     stack.callback(groups.close)
     waits: list[Any] = []
-    elastic = [s for s in SYSTEMS if s.elastic]
+    elastic = [s for s in systems if s.elastic]
     cluster = stack.enter_context(local_cluster(num_nodes=2, cpus_per_node=2 * len(elastic), connect=False))
     connect(cluster, 2)
-    for system in SYSTEMS:
+    for system in systems:
         log_dir = turns.dirs[system.name]
         if not system.elastic:
             args = ["--log-dir", str(log_dir), "--steps", "1000000", "--turn-file", str(turns.path),
@@ -97,7 +105,7 @@ def start_systems(stack: contextlib.ExitStack, turns: Turns, shape: dict[str, An
             name=f"fsdp-overhead-{turns.tag(system.name)}-{time.time_ns()}")
         waits.append(InThread(run))
     deadline = time.monotonic() + 600
-    while not all(turns.entered(s.name) for s in SYSTEMS):
+    while not all(turns.entered(s.name) for s in systems):
         if time.monotonic() > deadline:
             raise TimeoutError("not every system reached its training loop within 600 s")
         time.sleep(0.5)
@@ -105,17 +113,19 @@ def start_systems(stack: contextlib.ExitStack, turns: Turns, shape: dict[str, An
 
 
 def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[float]], list[float]]:
-    shape = {"width": width_for_params(args.params * 1e6, DEPTH), "depth": DEPTH, "batch": args.batch}
-    turns = Turns(root, SYSTEMS)  # type: ignore[arg-type]
-    blocks: dict[str, list[float]] = {s.name: [] for s in SYSTEMS}
+    shape = {"width": width_for_params(args.params * 1e6, DEPTH), "depth": DEPTH, "batch": args.batch,
+             "replicate": 2 if args.hsdp else 1}
+    systems = _systems(args)
+    turns = Turns(root, systems)  # type: ignore[arg-type]
+    blocks: dict[str, list[float]] = {s.name: [] for s in systems}
     steals: list[float] = []
     with contextlib.ExitStack() as stack:
-        waits = start_systems(stack, turns, shape)
+        waits = start_systems(stack, turns, shape, systems)
         log(f"every system is in its loop; {args.rounds} rounds of {args.warm}+{args.measured} steps each")
         try:
             for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-                shift = round_index % len(SYSTEMS)
-                order = SYSTEMS[shift:] + SYSTEMS[:shift]
+                shift = round_index % len(systems)
+                order = systems[shift:] + systems[:shift]
                 steal = StealMeter()
                 for system in order:
                     walls = turns.run_block(system.name, args.warm + args.measured, timeout_s=900)
@@ -134,23 +144,32 @@ def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[float]
     return blocks, steals
 
 
+def _systems(args: argparse.Namespace) -> tuple[System, ...]:
+    return HSDP_SYSTEMS if args.hsdp else SYSTEMS
+
+
 def report(blocks: dict[str, list[float]], steals: list[float], args: argparse.Namespace) -> str:
     base = blocks["torchrun"]
     rows, verdicts = [], []
-    for system in SYSTEMS:
+    for system in _systems(args):
         ratios = [m / b for m, b in zip(blocks[system.name], base)]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         paired = statistics.median(ratios)
         rows.append([system.name, f"{statistics.median(blocks[system.name]):.0f}", f"{paired:.3f}",
                      f"{quartiles[0]:.3f}–{quartiles[2]:.3f}", len(ratios)])
-        if system.elastic and system.replicas and system.every == 1:
+        if system.elastic and args.hsdp:
+            verdict = "within" if paired <= 1.05 else "over"
+            verdicts.append(f"HSDP commit every step: {paired:.3f} of torchrun's step ({verdict} the 1.05× target "
+                            f"set for FSDP2's commit + replica).")
+        elif system.elastic and system.replicas and system.every == 1:
             verdict = "met" if paired <= 1.05 else f"missed by {100 * (paired - 1.05):.1f} points"
             how = "overlapped with the next step" if system.overlap else "inside commit()"
             verdicts.append(f"Target: commit + replica refresh every step ≤ 1.05× torchrun's step, transfer {how}: "
                             f"{paired:.3f} ({verdict}).")
     steal_line = (f"CPU steal per round: median {statistics.median(steals):.0f}%." if steals else "")
     return "\n".join([
-        f"4 ranks per system, FSDP2 MLP {DEPTH} float32 layers (~{args.params:g} M parameters), batch {args.batch}, "
+        f"4 ranks per system{', HSDP on a 2 x 2 mesh' if args.hsdp else ''}, FSDP2 MLP {DEPTH} float32 layers "
+        f"(~{args.params:g} M parameters), batch {args.batch}, "
         f"SGD + momentum; {args.rounds} rounds, each system {args.warm} + {args.measured} measured steps per round.",
         "", table(["system", "block step (ms, median)", "step / torchrun's, same round (median)",
                    "interquartile range", "rounds"], rows), "", steal_line, "", *verdicts, ""])
@@ -163,6 +182,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--measured", type=int, default=10)
+    parser.add_argument("--hsdp", action="store_true", help="both sides HSDP on a 2 x 2 mesh (see above)")
     args = parser.parse_args()
     exit_on_sigterm()
     started = time.monotonic()

@@ -21,12 +21,26 @@ try:  # imported as workloads.fsdp_loops by the harness, as a script neighbour b
 except ImportError:  # pragma: no cover - torchrun's script directory
     from loops import StepLog, wait_for_turn  # type: ignore[no-redef]
 
-DEFAULTS: dict[str, Any] = {"width": 256, "depth": 4, "batch": 8, "sleep_s": 0.0, "steps": 1_000_000}
+DEFAULTS: dict[str, Any] = {"width": 256, "depth": 4, "batch": 8, "sleep_s": 0.0, "steps": 1_000_000,
+                            "replicate": 1}
 
 
-def build(width: int, depth: int, device: torch.device | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The FSDP2 MLP (identical initial weights on every rank) and its optimizer."""
+def build(width: int, depth: int, device: torch.device | None = None,
+          replicate: int = 1) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The FSDP2 MLP (identical initial weights on every rank) and its optimizer.
+
+    `replicate` > 1: HSDP, on a (replicate, world / replicate) mesh (ranks of a node share a shard group when
+    nodes hold world / replicate ranks each), where the world divides; plain FSDP where it does not.
+    """
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+
+    mesh = None
+    if replicate > 1 and dist.get_world_size() % replicate == 0:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (replicate, dist.get_world_size() // replicate)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
 
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
@@ -39,8 +53,8 @@ def build(width: int, depth: int, device: torch.device | None = None) -> tuple[t
         model = model.to(device)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
 
@@ -62,7 +76,7 @@ def fsdp_elastic_train(config: dict[str, Any]) -> dict[str, Any]:
 
     ctx = ray_elastic.get_context()
     cfg = {**DEFAULTS, **config}
-    model, opt = build(cfg["width"], cfg["depth"])
+    model, opt = build(cfg["width"], cfg["depth"], replicate=cfg["replicate"])
     x = batch(cfg, ctx.rank)
     state = ray_elastic.State(model=model, optimizer=opt, step=0)
     log = StepLog(cfg["log_dir"], ctx.rank, ctx.world_size, f"r{ctx.round_id}")

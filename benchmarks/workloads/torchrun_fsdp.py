@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=DEFAULTS["width"])
     parser.add_argument("--depth", type=int, default=DEFAULTS["depth"])
     parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
+    parser.add_argument("--replicate", type=int, default=DEFAULTS["replicate"], help="HSDP replica groups")
     parser.add_argument("--sleep-s", type=float, default=DEFAULTS["sleep_s"])
     parser.add_argument("--turn-file", default=None)
     parser.add_argument("--system", default="torchrun")
@@ -53,7 +54,7 @@ def main() -> None:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = {"width": args.width, "batch": args.batch}
-    model, opt = build(args.width, args.depth)
+    model, opt = build(args.width, args.depth, replicate=args.replicate)
     x = batch(cfg, rank)
     step = 0
     root = args.checkpoint_dir
