@@ -42,8 +42,9 @@ def inspect_items(stateful: Mapping[str, Any]) -> ShardedItems | None:
     """Sort the State's items if any is an FSDP2 module; None for replicated state (DDP, plain modules).
 
     Raises:
-        ConfigError: an FSDP1 module; a sharded model on a mesh other than 1-D with `Shard` placements;
-            an optimizer whose parameters are not the sharded model's parameters.
+        ConfigError: an FSDP1 module; parameters placed other than FSDP2 places them (`Shard` on a 1-D
+            mesh, or `Replicate, Shard` on a 2-D HSDP mesh); an optimizer whose parameters are not the
+            sharded model's parameters.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
