@@ -58,7 +58,8 @@ class ShardedSession:
         params = [p for m in items.models.values() for p in m.parameters()]
         self.device = params[0].to_local().device if params else torch.device("cpu")  # type: ignore[attr-defined]
         # HSDP: the replica groups hold the same shards; the first one writes the durable checkpoints
-        self.writes_checkpoints = place_in(items.mesh, session.context.rank).replica_group == 0
+        self.place = place_in(items.mesh, session.context.rank)
+        self.writes_checkpoints = self.place.replica_group == 0
         self.group = self._host_group()
 
     def _host_group(self) -> Any:
@@ -80,7 +81,7 @@ class ShardedSession:
         restored = restore(self.store, self.items, ctx.rank, ctx.world_size, ctx.node_id, self.device,
                            self.group, self.checkpoints)
         if restored.source == "storage" and restored.lost and ctx.rank == 0:
-            shards = place_in(self.items.mesh, ctx.rank).shards  # FSDP: the world size
+            shards = self.place.shards  # FSDP: the world size
             message = (f"{restored.lost_message}; restored the newest durable checkpoint (commit "
                        f"{restored.commit_id}) resharded from {restored.world} to {shards} shards")
             logger.warning(message)
