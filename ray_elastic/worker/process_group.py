@@ -37,6 +37,7 @@ logger = logging.getLogger("ray_elastic")
 STORE_CONNECT_ATTEMPT_S = 0.5  # how long one connection attempt to a round's store may retry
 STORE_PROBE_PAUSE_S = 0.05  # between probes of a round's store that refused a connection
 FORM_TIMEOUT_S = 3.0  # gloo's timeout while the ranks of a round, all arrived, connect (see form_timeout_s)
+ABORTED_OP_TIMEOUT_S = 0.2  # a collective started after a sever fails within this (see fail_later_gloo_ops)
 GLOO_CONNECT_WAIT_FACTOR = 5  # a rank waits ~5x gloo's timeout for a peer lost mid-connect (torch 2.13, measured)
 _ARRIVAL_KEYS = "ray_elastic/{}arrived"  # a count of the ranks that arrived at a group's forming
 _ALL_ARRIVED_KEYS = "ray_elastic/{}all_arrived"
@@ -231,6 +232,30 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
     return closed
 
 
+def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> int:
+    """Give every gloo group of this process a collective timeout of `timeout_s`; returns how many were changed.
+
+    A sever frees the collectives blocked at that moment. One the training thread starts after it (the
+    rest of its step) can find its connection to a peer that already left the round closed, or still open
+    with nobody sending: gloo then waits the whole collective timeout (seen under HSDP: a survivor in the
+    backward's all-gather on its shard sub-group with no gloo connection left, until it was killed). The
+    round is over, so every later collective should fail, and with this timeout it does within it.
+    """
+    c10d: Any = dist.distributed_c10d
+    timeout = datetime.timedelta(seconds=timeout_s)
+    changed = 0
+    for pg in list(c10d._world.pg_names):
+        for device in list(getattr(pg, "_device_types", [])):
+            try:
+                backend = pg._get_backend(device)
+            except Exception:  # noqa: BLE001 - a group without a backend for this device
+                continue
+            if isinstance(backend, dist.ProcessGroupGloo):
+                backend._set_default_timeout(timeout)
+                changed += 1
+    return changed
+
+
 def _abort_every_group() -> int:
     """Abort the default group and every NCCL group made beside it (HSDP's sub-groups) as torch aborts them all:
     newest first, inside one NCCL group call so that communicators' aborts do not wait on each other.
@@ -311,7 +336,8 @@ class GroupHandle:
         return self._own | later
 
     def sever(self) -> int:
-        """Make every blocked collective of this round's groups fail now. Safe from any thread; idempotent.
+        """Make every blocked collective of this round's groups fail now, and any started later within
+        `ABORTED_OP_TIMEOUT_S` (gloo). Safe from any thread; idempotent.
 
         Returns:
             how many connections were shut down (gloo) or groups aborted (NCCL).
@@ -319,6 +345,7 @@ class GroupHandle:
         with self._lock:
             if not self._alive:
                 return 0
+            fail_later_gloo_ops()
             if self.backend != "gloo":
                 return _abort_every_group()
             return shutdown_gloo_connections(self._round_listeners(), self._peers)

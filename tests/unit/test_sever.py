@@ -181,3 +181,66 @@ def test_sever_reaches_the_sub_groups_of_an_hsdp_mesh_made_after_the_round_forme
                 proc.kill()
     assert results[3]["severed"] >= 1, results
     assert results[1]["error"] is not None and results[1]["blocked_s"] < 10, f"still blocked: {results}"
+
+
+def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+    import torch
+
+    from ray_elastic.worker.process_group import GroupHandle, _listeners, gloo_connections
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), rank, 2, 60.0)
+    result: dict = {"rank": rank}
+    # A sub-group whose one connection rank 1 accepted: rank 0's own sever cannot reach it.
+    for attempt in range(16):
+        before = _listeners()
+        sub = dist.new_group([0, 1], backend="gloo")
+        dist.all_reduce(torch.ones(1), group=sub)
+        if rank == 0:
+            accepted_here = bool(gloo_connections(_listeners() - before, set()))
+            store.set(f"pick{attempt}", "next" if accepted_here else "use")
+        if store.get(f"pick{attempt}") == b"use":
+            result["attempts"] = attempt + 1
+            break
+    else:
+        result["attempts"] = None
+    if rank == 0:
+        result["severed"] = group.sever()  # the coordinator's abort, while the training thread is between ops
+        started = time.monotonic()
+        try:  # rank 1 is alive, has left the round (it never joins this) and did not sever
+            dist.all_reduce(torch.ones(1), group=sub)
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            result["error"] = str(exc)[:200]
+        result["blocked_s"] = time.monotonic() - started
+        store.set("rank0_done", "1")
+    out.put(result)
+    store.wait(["rank0_done"], datetime.timedelta(seconds=75))  # rank 1 keeps the sub-group open until then
+    group.destroy()
+
+
+def test_a_collective_started_after_a_sever_fails_at_once_even_on_a_connection_it_could_not_shut():
+    """After an abort the training thread goes on to its next collective (the rest of its step). Rank 0
+    starts one on a sub-group with rank 1, which is alive, has left the round and did not sever, and which
+    accepted their connection (so rank 0's sever could not shut it down): it fails within a second, not at
+    the collective timeout (60 s). Seen under HSDP as a survivor replaced after abort_timeout_s."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_late_op_rank, args=(r, store.port, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, dict] = {}
+    try:
+        for _ in procs:
+            got = out.get(timeout=80)
+            results[got["rank"]] = got
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    rank0 = results[0]
+    assert rank0["attempts"] is not None, f"no sub-group had its connection accepted by rank 1: {results}"
+    assert rank0["error"] is not None and rank0["blocked_s"] < 2, f"a collective after the sever hung: {rank0}"
