@@ -176,7 +176,10 @@ def measure(logs: StepLogs, launcher: Any, rank: int, workers: int, timeout_s: f
 
     step = wait_until(lambda: first("step"), timeout_s, alive=launcher.alive)
     if step is None:
-        return Kill(launcher.name, rank, False, note="no step after the kill" if launcher.alive() else "exited")
+        if launcher.alive():
+            return Kill(launcher.name, rank, False, note="no step after the kill")
+        error = getattr(getattr(launcher, "runner", None), "error", None)
+        return Kill(launcher.name, rank, False, note=f"exited: {error!r}"[:300] if error is not None else "exited")
     entered = first("enter")
     last_before = max((r.step for r in logs.records() if r.kind == "step" and r.key in before), default=0)
     return Kill(launcher.name, rank, True, step.wall - killed_at,

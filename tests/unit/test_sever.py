@@ -127,6 +127,28 @@ def test_sever_shuts_gloo_connections_but_not_a_user_connection_opened_during_in
     assert rank1["error"] is not None and rank1["blocked_s"] < 10, f"the blocked collective must fail at once: {rank1}"
 
 
+def _run_ranks(target, world: int, timeout_s: float) -> dict[int, dict]:
+    """Run `target(rank, store_port, out)` in `world` spawned processes; each rank's result dict, by rank."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, store.port, out)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, dict] = {}
+    try:
+        for _ in procs:
+            got = out.get(timeout=timeout_s)
+            results[got["rank"]] = got
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    return results
+
+
 def _subgroup_rank(rank: int, store_port: int, out: mp.Queue) -> None:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -162,23 +184,7 @@ def test_sever_reaches_the_sub_groups_of_an_hsdp_mesh_made_after_the_round_forme
     """Rank 1 blocks in an all-reduce of its replicate sub-group with rank 3, alive but gone from the round
     (an HSDP rank under an abort). Once both sever, it fails at once, not at the collective timeout (60 s):
     the sub-groups' connections are shut down too, though their addresses were never exchanged."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_subgroup_rank, args=(r, store.port, out)) for r in range(4)]
-    for proc in procs:
-        proc.start()
-    results: dict[int, dict] = {}
-    try:
-        for _ in procs:
-            got = out.get(timeout=75)
-            results[got["rank"]] = got
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+    results = _run_ranks(_subgroup_rank, 4, timeout_s=75)
     assert results[3]["severed"] >= 1, results
     assert results[1]["error"] is not None and results[1]["blocked_s"] < 10, f"still blocked: {results}"
 
@@ -224,23 +230,7 @@ def test_a_collective_started_after_a_sever_fails_at_once_even_on_a_connection_i
     starts one on a sub-group with rank 1, which is alive, has left the round and did not sever, and which
     accepted their connection (so rank 0's sever could not shut it down): it fails within a second, not at
     the collective timeout (60 s). Seen under HSDP as a survivor replaced after abort_timeout_s."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_late_op_rank, args=(r, store.port, out)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results: dict[int, dict] = {}
-    try:
-        for _ in procs:
-            got = out.get(timeout=80)
-            results[got["rank"]] = got
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+    results = _run_ranks(_late_op_rank, 2, timeout_s=80)
     rank0 = results[0]
     assert rank0["attempts"] is not None, f"no sub-group had its connection accepted by rank 1: {results}"
     assert rank0["error"] is not None and rank0["blocked_s"] < 2, f"a collective after the sever hung: {rank0}"
