@@ -110,6 +110,7 @@ class SilenceMixin:
             return False
         for worker_id in sorted(lost):
             state.outcomes[worker_id] = self._lost_outcome(state, worker_id, verdicts[worker_id], now)
+        ranks = _ranks(state.plan) if overdue else {}
         for worker_id in overdue:
             busy = state.liveness.busy.get(worker_id)
             why = (f"was still busy ({busy}) past the hang bound after the round was aborted"
@@ -118,6 +119,10 @@ class SilenceMixin:
                 worker_id, state.plan.round_id, OutcomeKind.HUNG,
                 message=(self._stall_message() + ", then " if worker_id in state.stalled else "") + why + "; killed",
                 step=self.last_step.get(worker_id),
+                # Where the abort found it (it may have moved on since): a rank that does not leave is a bug
+                # to report, and this is the one trace of it (a diagnosed round adds every rank's, later).
+                traceback="" if state.diagnose else _abort_stack_text(
+                    state.stacks.get(worker_id), ranks[worker_id][0], state.plan.round_id),
             )
         self.group.kill(sorted(lost | set(overdue)), reason="unresponsive after abort")
         return True
@@ -179,10 +184,11 @@ def _stuck_summary(state: Any, ranks: dict[str, tuple[int, str]]) -> list[str]:
     return lines
 
 
-def _stack_text(report: StackReport | None, rank: int, round_id: int, summary: list[str]) -> str:
+def _abort_stack_text(report: StackReport | None, rank: int, round_id: int) -> str:
     if report is None or not report.stack:
-        head = f"No stack of rank {rank}: it answered nothing when round {round_id} was aborted."
-    else:
-        head = (f"Stack of rank {rank} (pid {report.pid}) when round {round_id} was aborted:\n"
-                f"{report.stack.rstrip()}")
-    return head + "\nEvery rank then: " + "; ".join(summary)
+        return f"No stack of rank {rank}: it answered nothing when round {round_id} was aborted."
+    return f"Stack of rank {rank} (pid {report.pid}) when round {round_id} was aborted:\n{report.stack.rstrip()}"
+
+
+def _stack_text(report: StackReport | None, rank: int, round_id: int, summary: list[str]) -> str:
+    return _abort_stack_text(report, rank, round_id) + "\nEvery rank then: " + "; ".join(summary)

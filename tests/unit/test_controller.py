@@ -337,6 +337,7 @@ def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_a
     group.settle_on_abort = False
     run_round(controller, group, 0)
     r0, r1 = group.members
+    group.workers[r1].stack = 'File "train.py", line 9, in train_fn\n    all_gather_on_a_sub_group()'
     group.fail(r0, "boom")
     controller.step()
     aborted_at = group.clock()
@@ -345,6 +346,11 @@ def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_a
     assert 5.0 < group.clock() - aborted_at < 6.0
     run_round(controller, group, 1)
     assert [(f.kind, f.rank) for f in controller.failures] == [("exception", 0), ("hang", 1)]
+    hung = controller.failures[1]
+    assert hung.traceback.startswith("Stack of rank 1 (pid "), hung.traceback  # where its abort found it
+    assert "all_gather_on_a_sub_group()" in hung.traceback, hung.traceback
+    [restart] = events(controller, "restart")
+    assert restart.data["hung_stacks"] == {"1": hung.traceback}  # in the event log too
     assert controller.restarts == 1
 
 
