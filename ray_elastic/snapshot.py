@@ -222,7 +222,7 @@ class SnapshotHolder:
         A sharded replica transfer still in flight is settled here, before the round's group goes.
         """
         if self.shards is not None:
-            self.shards.settle()
+            self.shards.end_round()
         if not self._live:
             self._forget_live()
             return

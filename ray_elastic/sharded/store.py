@@ -160,6 +160,11 @@ class ShardStore:
         holders = replica_holders(nodes, self.replicas) if replica_groups == 1 else [[] for _ in nodes]
         self.round = RoundInfo(rank, world, nodes, group, holders, shard_of=shard_of, replica_groups=replica_groups)
 
+    def end_round(self) -> None:
+        """The round is over: land its transfer and let go of its groups."""
+        self.settle()
+        self.round = None
+
     def copies_sent(self) -> int:
         """Replicas this round sends of each shard (HSDP: none, its replica groups hold the copies)."""
         return self.replicas if self.round is None or self.round.replica_groups == 1 else 0

@@ -6,6 +6,7 @@ methods (`probe`, `request_stop`, `abort`) answer while `run_round` trains.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import os
@@ -30,6 +31,7 @@ from ray_elastic.worker.process_group import (
     connect_round_store,
     form_timeout_s,
     is_communication_error,
+    release_round_objects,
 )
 
 
@@ -94,6 +96,7 @@ class ElasticWorker:
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
             importlib.import_module(module)
+        gc.freeze()  # what imports made lives as long as the process: later collections skip it (see below)
 
         self.config = config
         self.train_fn = train_fn
@@ -295,6 +298,8 @@ class ElasticWorker:
             if group is not None:
                 group.destroy()
             del store
+            del session  # the outcome is built: nothing of the round is needed
+            release_round_objects()
 
     def _form_group(self, spec: RoundSpec, store: Any, device: Any) -> GroupHandle:
         """The round's default group. While it connects, this worker says it is busy: a rank whose peer died

@@ -18,6 +18,8 @@ aborted with the backend's own abort.
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import json
 import logging
 import socket
@@ -86,13 +88,15 @@ def _restart_group_names() -> None:
 
 
 def forget_cached_dtensor_specs() -> None:
-    """Drop DTensor's cached sharding decisions, which hold device meshes of earlier rounds' groups.
+    """Drop DTensor's caches, which hold device meshes (and through them the process groups) of earlier rounds.
 
-    Device meshes compare equal across process groups (same shape, same dim names), so the cache
-    hands a parameter that `fully_shard` builds on this round's mesh a spec with an earlier round's
-    mesh: that round's coordinates and sub-groups. Seen with torch 2.13 on a 2-D (HSDP) mesh re-formed
-    with the ranks in another order: `full_tensor()` and state dicts failed on sub-groups that no longer
-    exist. The Python cache is per thread: call this on the thread that runs train_fn.
+    Device meshes compare equal across process groups (same shape, same dim names), so a cache hands a
+    parameter that `fully_shard` builds on this round's mesh a spec with an earlier round's mesh: that
+    round's coordinates and sub-groups. Seen with torch 2.13 on a 2-D (HSDP) mesh re-formed with the ranks
+    in another order: `full_tensor()` and state dicts failed on sub-groups that no longer exist. The same
+    caches kept every earlier round's groups alive, each with its gloo listener and threads (a survivor held
+    ten after seven rounds). Every `functools` cache of torch's DTensor modules goes, and the redistribute
+    planners; the sharding propagator's cache is per thread: call this on the thread that runs train_fn.
     """
     import sys
 
@@ -107,6 +111,34 @@ def forget_cached_dtensor_specs() -> None:
     propagate: Any = getattr(DTensor._op_dispatcher.sharding_propagator, "propagate_op_sharding", None)
     if hasattr(propagate, "cache_clear"):
         propagate.cache_clear()
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.startswith("torch.distributed.tensor"):
+            _clear_module_caches(module)
+
+
+def _clear_module_caches(module: Any) -> None:
+    """Clear every `functools` cache a module defines: its functions' and its classes' methods'."""
+    for value in list(vars(module).values()):
+        members = vars(value).values() if isinstance(value, type) and value.__module__ == module.__name__ else ()
+        for candidate in (value, *(getattr(member, "__func__", member) for member in members)):
+            if isinstance(candidate, functools._lru_cache_wrapper):
+                candidate.cache_clear()
+    clear_planners = getattr(module, "clear_redistribute_planner_cache", None)
+    if callable(clear_planners):
+        clear_planners()
+
+
+def release_round_objects() -> None:
+    """Free an ended round's objects now, on the thread that ran train_fn, after its groups are destroyed.
+
+    DTensor's caches hold the round's device meshes, and FSDP modules and the traceback of a round that
+    failed form reference cycles, which Python's collector reaches only at a rare full collection. Until
+    then every group of the round stays alive with its connections' listener and threads (NCCL: its
+    communicators), and so do the round's model and optimizer. The worker freezes the objects of its imports
+    (`gc.freeze`), so this collection scans only what rounds made: tens of milliseconds.
+    """
+    forget_cached_dtensor_specs()
+    gc.collect()
 
 
 class RoundAborted(RuntimeError):
