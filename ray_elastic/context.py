@@ -73,6 +73,7 @@ class Session:
         # (work, flag) of the stop-flag all-reduce the last commit started (see State.commit).
         self.pending_agreement: tuple[Any, Any] | None = None
         self._on_return: list[Callable[[], None]] = []  # run when train_fn returns (see `train_fn_returned`)
+        self._on_progress: list[Callable[[], None]] = []  # run at every progress point (see `mark_progress`)
 
     def add_interrupt_handler(self, handler: Callable[[str], None]) -> None:
         """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
@@ -108,9 +109,15 @@ class Session:
         with self._lock:
             self.reports.append((time.time(), {WORKER_EVENT: {"kind": kind, "message": message, "data": data}}))
 
+    def on_progress(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` at every progress point of the round (a commit, a report), on train_fn's thread."""
+        self._on_progress.append(callback)
+
     def mark_progress(self) -> None:
         self.progress_count += 1
         self.last_progress = time.monotonic()
+        for callback in self._on_progress:
+            callback()
 
     def stop_requested(self) -> bool:
         return self._stop_requested()

@@ -96,7 +96,7 @@ class ElasticWorker:
 
         for module in config.warmup_modules:  # before `ready`, so a newcomer never imports inside a round
             importlib.import_module(module)
-        gc.freeze()  # what imports made lives as long as the process: later collections skip it (see below)
+        gc.freeze()  # what imports made lives as long as the process: the collection after each round skips it
 
         self.config = config
         self.train_fn = train_fn
@@ -262,6 +262,8 @@ class ElasticWorker:
             store = connect_round_store(spec.store_host, spec.store_port, max(30.0, self.config.abort_timeout_s),
                                         aborted=lambda: spec.round_id in self._aborted)
             group = None if not self.config.init_process_group else self._form_group(spec, store, device)
+            if group is not None:
+                session.on_progress(group.learn_peer_listeners)
             with self._lock:
                 self._group = group
                 self._session = session

@@ -339,6 +339,9 @@ class GroupHandle:
         self._alive = False
         self._own: set[Address] = set()
         self._peers: set[Address] = set()
+        self._store, self._rank, self._world_size = store, rank, world_size
+        self._published = False
+        self._peers_known = backend != "gloo"  # NCCL groups are aborted, not severed by address
         kwargs = {}
         if device_id is not None:
             kwargs["device_id"] = device_id
@@ -360,12 +363,41 @@ class GroupHandle:
         """gloo's listeners of this round: the default group's and those of groups made since (HSDP's sub-groups).
 
         Groups that train_fn creates (`new_group`, `init_device_mesh`) listen on the same interface as the
-        default group; their peers' addresses were never exchanged, so only the connections this process
-        accepted are found: every pair has one acceptor, and every live rank severs on an abort.
+        default group. Their peers' addresses are exchanged at the round's first progress point
+        (`learn_peer_listeners`); before that only the connections this process accepted are found.
         """
         hosts = {host for host, _ in self._own}
         later = {a for a in _listeners() - self._listening_before if a[0] in hosts or is_wildcard(a[0])}
         return self._own | later
+
+    def learn_peer_listeners(self) -> None:
+        """Make every rank's gloo listeners of this round (sub-groups included) known to this rank's sever.
+
+        Called at each progress point of the round (a commit, a report) until done, once train_fn has made
+        its groups: the first call publishes this rank's listeners on the round's store, a later one reads
+        every rank's once all are there (a check, never a wait). Until then a sever reaches a sub-group's
+        connection only from the rank that accepted it, so a collective blocked on a connection this rank
+        opened to a peer that never severs (frozen, cut off) waited the collective timeout. Groups made
+        after the first commit are not covered.
+        """
+        if self._peers_known:
+            return
+        key = f"{_LISTENERS_KEY}round/"
+        keys = [f"{key}{r}" for r in range(self._world_size)]
+        try:
+            if not self._published:
+                self._store.set(keys[self._rank], json.dumps(sorted(self._round_listeners())))
+                self._published = True
+            if not self._store.check(keys):
+                return
+            learned = _read_listeners(self._store, keys)
+        except Exception:  # noqa: BLE001 - the round's store is closed: the round is over
+            logger.debug("could not learn the peers' gloo listeners", exc_info=True)
+            self._peers_known = True
+            return
+        with self._lock:
+            self._peers |= learned
+        self._peers_known = True
 
     def sever(self) -> int:
         """Make every blocked collective of this round's groups fail now, and any started later within
@@ -397,9 +429,11 @@ def exchange_listeners(store: dist.Store, rank: int, world_size: int, own: set[A
                        key: str) -> tuple[set[Address], set[Address]]:
     """Publish this rank's gloo listening addresses under `key`; read every rank's (a closed store ends the wait)."""
     store.set(f"{key}{rank}", json.dumps(sorted(own)))
-    keys = [f"{key}{r}" for r in range(world_size)]
-    peers = {(str(host), int(port)) for value in store.multi_get(keys) for host, port in json.loads(value)}
-    return own, peers | own
+    return own, _read_listeners(store, [f"{key}{r}" for r in range(world_size)]) | own
+
+
+def _read_listeners(store: dist.Store, keys: list[str]) -> set[Address]:
+    return {(str(host), int(port)) for value in store.multi_get(keys) for host, port in json.loads(value)}
 
 
 def form_gloo_group(store: dist.Store, rank: int, world_size: int, timeout_s: float,

@@ -211,3 +211,47 @@ def test_overlapped_replicas_cost_at_most_the_last_commit_and_resizes_none(clust
     assert before <= {v["pid"] for v in result.return_values}, "survivors were never restarted"
     _check_log(result, steps)
     no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_row13_hsdp_node_frozen_while_its_sub_group_peers_wait_on_it_replaces_no_survivor(cluster, no_leaks, trace,
+                                                                                          figures, tmp_path):
+    """HSDP on a 2 x 2 mesh, 4 nodes: rank 1 stops itself before its step and its node is frozen (no connection
+    is reset), while rank 0 waits on it in the forward's all-gather of their shard sub-group and rank 3 in the
+    backward's all-reduce of their replicate sub-group. The three survivors leave the aborted round and go on
+    at world 3 from memory; none is replaced. Was: a survivor whose sub-group connection the frozen rank had
+    accepted (the sub-groups' addresses were never exchanged) stayed blocked and was killed and replaced."""
+    ensure_nodes(cluster, 4)
+    triggers = trace.dir / "triggers"
+    triggers.mkdir()
+    faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
+                                                      "faults": faults, "hsdp": True},
+                        min_nodes=3, max_nodes=4, max_restarts=1)
+    frozen = None
+    try:
+        formed = _trained_at(run, trace, world_size=4, steps=2)
+        request_fault(str(triggers), "hang", 1)
+        deadline = time.monotonic() + 60
+        while not trace.fired() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fired = trace.fired()[0]
+        frozen = next(n for n in cluster.nodes if fired.pid in {p.pid for p in cluster.processes_of(n)})
+        cluster.freeze_node(frozen)
+        shrunk = run.wait_for("round_formed", world_size=3, cause="restart", timeout_s=60)
+        trace.wait_for_round_commits(shrunk["round_id"], steps=2, alive=run.alive)
+    finally:
+        if frozen is not None:
+            cluster.thaw_node(frozen)
+    steps = trace.stop_at(trace.commits()[-1].step + 4)
+    result = run.join()
+    figures(13, "HSDP node frozen while sub-group peers wait on it", detection_s=detection_s(result.events, fired.wall),
+            recovery_s=trace.recovery_s(fired.wall), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+    members = read_members(str(trace.dir))
+    before = {m["pid"] for m in members if m["round"] == formed["round_id"]} - {fired.pid}
+    after = {m["pid"] for m in members if m["round"] == shrunk["round_id"]}
+    assert after == before, f"a survivor was replaced: {before} -> {after}; {[e.message for e in result.events]}"
+    assert all(m["source"] == "memory" for m in members if m["round"] == shrunk["round_id"]), members
+    assert trace.redone() == 0
+    _exact(read_restores(str(trace.dir)))
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())

@@ -13,6 +13,7 @@ import queue
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch.distributed as dist
@@ -189,15 +190,13 @@ def test_sever_reaches_the_sub_groups_of_an_hsdp_mesh_made_after_the_round_forme
     assert results[1]["error"] is not None and results[1]["blocked_s"] < 10, f"still blocked: {results}"
 
 
-def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+def _sub_group_accepted_by_rank_1(store: dist.Store, rank: int, result: dict) -> Any:
+    """A new gloo sub-group of ranks 0 and 1 whose one connection rank 1 accepted (`result["attempts"]`:
+    how many groups it took, None if none did)."""
     import torch
 
-    from ray_elastic.worker.process_group import GroupHandle, _listeners, gloo_connections
+    from ray_elastic.worker.process_group import _listeners, gloo_connections
 
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
-    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), rank, 2, 60.0)
-    result: dict = {"rank": rank}
-    # A sub-group whose one connection rank 1 accepted: rank 0's own sever cannot reach it.
     for attempt in range(16):
         before = _listeners()
         sub = dist.new_group([0, 1], backend="gloo")
@@ -207,9 +206,20 @@ def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
             store.set(f"pick{attempt}", "next" if accepted_here else "use")
         if store.get(f"pick{attempt}") == b"use":
             result["attempts"] = attempt + 1
-            break
-    else:
-        result["attempts"] = None
+            return sub
+    result["attempts"] = None
+    return sub
+
+
+def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+    import torch
+
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), rank, 2, 60.0)
+    result: dict = {"rank": rank}
+    sub = _sub_group_accepted_by_rank_1(store, rank, result)  # rank 0's own sever cannot reach it
     if rank == 0:
         result["severed"] = group.sever()  # the coordinator's abort, while the training thread is between ops
         started = time.monotonic()
@@ -234,3 +244,42 @@ def test_a_collective_started_after_a_sever_fails_at_once_even_on_a_connection_i
     rank0 = results[0]
     assert rank0["attempts"] is not None, f"no sub-group had its connection accepted by rank 1: {results}"
     assert rank0["error"] is not None and rank0["blocked_s"] < 2, f"a collective after the sever hung: {rank0}"
+
+
+def _silent_acceptor_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+    import torch
+
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), rank, 2, 60.0)
+    result: dict = {"rank": rank}
+    sub = _sub_group_accepted_by_rank_1(store, rank, result)
+    group.learn_peer_listeners()  # the round's first commit: each rank publishes
+    store.set(f"published{rank}", "1")
+    store.wait(["published0", "published1"])
+    if rank == 0:
+        group.learn_peer_listeners()  # a later progress point: every rank's are there
+        threading.Timer(1.0, group.sever).start()  # the coordinator's abort, while this rank is blocked
+        started = time.monotonic()
+        try:  # rank 1 is frozen (it never joins this, never severs) and accepted this connection
+            dist.all_reduce(torch.ones(1), group=sub)
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            result["error"] = str(exc)[:200]
+        result["blocked_s"] = time.monotonic() - started
+        store.set("rank0_done", "1")
+    out.put(result)
+    store.wait(["rank0_done"], datetime.timedelta(seconds=75))  # rank 1 keeps the sub-group open until then
+    group.destroy()
+
+
+def test_a_collective_blocked_on_a_sub_group_connection_accepted_by_a_frozen_peer_fails_at_the_sever():
+    """HSDP with a silent node: rank 0 is blocked in an all-reduce on a sub-group with rank 1, which is
+    frozen (alive, never severs) and accepted their connection. Rank 0's sever fails it at once, since the
+    ranks published their sub-groups' listeners at the round's first commit; was: it waited the collective
+    timeout (75 s here, until rank 1 exited), and a survivor was replaced after `abort_timeout_s`."""
+    results = _run_ranks(_silent_acceptor_rank, 2, timeout_s=90)
+    rank0 = results[0]
+    assert rank0["attempts"] is not None, f"no sub-group had its connection accepted by rank 1: {results}"
+    assert rank0["error"] is not None and rank0["blocked_s"] < 10, f"still blocked after the sever: {rank0}"
