@@ -50,6 +50,10 @@ class WorkerGroup(abc.ABC):
         """Where aborted workers were when their abort arrived (answers to `abort`), since the last call."""
         return []
 
+    def current_stacks(self, worker_ids: list[str], timeout_s: float) -> dict[str, StackReport]:
+        """Where these workers' training threads are now, for those that answer within `timeout_s`. Default: none."""
+        return {}
+
     @abc.abstractmethod
     def request_stop(self, round_id: int) -> None:
         """Ask the round's members to leave at their next commit (membership change)."""

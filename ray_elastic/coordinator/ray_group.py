@@ -381,16 +381,14 @@ class RayWorkerGroup(WorkerGroup):
         training thread would leave the user's frames before its own abort could read them. Workers that
         do not answer within STACKS_FIRST_S (a GIL-holding loop), and scripts (read with py-spy, slower),
         answer in their abort."""
-        refs = {slot.actor.stacks.remote(False): worker_id for worker_id, slot in slots}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STACKS_FIRST_S) if refs else ([], [])
-        for ref in done:
-            try:
-                report = ray.get(ref)
-            except RayError:
-                continue
+        for report in _read_stacks(slots, STACKS_FIRST_S):
             if report.round_id == round_id and report.stack:
                 self._early_stacks.append(report)
                 self._read_first.add(report.worker_id)
+
+    def current_stacks(self, worker_ids: list[str], timeout_s: float) -> dict[str, StackReport]:
+        slots = [(w, s) for w in worker_ids if (s := self._slot(w)) is not None and s.status != DEAD]
+        return {report.worker_id: report for report in _read_stacks(slots, timeout_s)}
 
     def stack_reports(self) -> list[StackReport]:
         reports, self._early_stacks = self._early_stacks, []
@@ -481,3 +479,16 @@ class RayWorkerGroup(WorkerGroup):
         if self._pulse_pool is not None:
             self._pulse_pool.shutdown(wait=False, cancel_futures=True)
             self._pulse_pool = None
+
+
+def _read_stacks(slots: list[tuple[str, Any]], timeout_s: float) -> list[StackReport]:
+    """The answers of these workers' `stacks()` (scripts not read with py-spy) that came within `timeout_s`."""
+    refs = [slot.actor.stacks.remote(False) for _, slot in slots]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+    reports = []
+    for ref in done:
+        try:
+            reports.append(ray.get(ref))
+        except RayError:
+            continue
+    return reports

@@ -16,6 +16,7 @@ from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundPlan, Sta
 from ray_elastic.diagnostics import compare_collectives, first_user_frame
 
 _KILLED = (OutcomeKind.SILENT, OutcomeKind.DIED, OutcomeKind.HUNG)
+LATER_STACK_WAIT_S = 0.5  # how long a rank about to be killed for staying in an aborted round has to say where
 
 
 class SilenceMixin:
@@ -111,6 +112,9 @@ class SilenceMixin:
         for worker_id in sorted(lost):
             state.outcomes[worker_id] = self._lost_outcome(state, worker_id, verdicts[worker_id], now)
         ranks = _ranks(state.plan) if overdue else {}
+        # Where they are now, not only where the abort found them: what keeps a rank in an aborted round is a bug
+        # to report, and the abort's stack is often a collective it left long ago.
+        later = self.group.current_stacks(sorted(overdue), LATER_STACK_WAIT_S) if overdue and not state.diagnose else {}
         for worker_id in overdue:
             busy = state.liveness.busy.get(worker_id)
             why = (f"was still busy ({busy}) past the hang bound after the round was aborted"
@@ -122,7 +126,8 @@ class SilenceMixin:
                 # Where the abort found it (it may have moved on since): a rank that does not leave is a bug
                 # to report, and this is the one trace of it (a diagnosed round adds every rank's, later).
                 traceback="" if state.diagnose else _abort_stack_text(
-                    state.stacks.get(worker_id), ranks[worker_id][0], state.plan.round_id),
+                    state.stacks.get(worker_id), ranks[worker_id][0], state.plan.round_id)
+                + _later_stack_text(later.get(worker_id), now - state.since),
             )
         self.group.kill(sorted(lost | set(overdue)), reason="unresponsive after abort")
         return True
@@ -188,6 +193,12 @@ def _abort_stack_text(report: StackReport | None, rank: int, round_id: int) -> s
     if report is None or not report.stack:
         return f"No stack of rank {rank}: it answered nothing when round {round_id} was aborted."
     return f"Stack of rank {rank} (pid {report.pid}) when round {round_id} was aborted:\n{report.stack.rstrip()}"
+
+
+def _later_stack_text(report: StackReport | None, after_s: float) -> str:
+    if report is None or not report.stack:
+        return ""
+    return f"\nStill in the round {after_s:.1f}s after the abort, at:\n{report.stack.rstrip()}"
 
 
 def _stack_text(report: StackReport | None, rank: int, round_id: int, summary: list[str]) -> str:

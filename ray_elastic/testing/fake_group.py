@@ -338,6 +338,10 @@ class FakeWorkerGroup(WorkerGroup):
         reports, self._stack_reports = self._stack_reports, []
         return reports
 
+    def current_stacks(self, worker_ids: list[str], timeout_s: float) -> dict[str, StackReport]:
+        return {w: StackReport(w, self.round_id, 1000 + i, self.workers[w].stack) for i, w in enumerate(worker_ids)
+                if self.workers[w].status != "dead" and not self.workers[w].hung and not self.workers[w].gil}
+
     def request_stop(self, round_id: int) -> None:
         self.stops.append(round_id)
         if self.stop_on_request and round_id == self.round_id:

@@ -114,6 +114,7 @@ class ElasticWorker:
         self._aborted: set[int] = set()
         self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
         self._train_thread: int | None = None
+        self._leaving = False  # the training thread is past its round's train_fn, letting the round go
         self._busy: tuple[str, float] | None = None  # a long activity of the training thread, and its start
         self._lease = Lease(config.probe_timeout_s,
                             confirm_s=max(2 * config.probe_timeout_s, 4 * config.heartbeat_interval_s))
@@ -158,6 +159,9 @@ class ElasticWorker:
             stack, how = py_spy_dump(pids[-1])
             return StackReport(self.worker_id, round_id, os.getpid(), stack, note=how)
         if session is None:
+            if self._leaving:
+                return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread),
+                                   note="leaving its round")
             return StackReport(self.worker_id, round_id, os.getpid(), "", note="not in a round")
         seq, op = collective_state()
         return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread), op, note, seq)
@@ -297,11 +301,13 @@ class ElasticWorker:
             with self._lock:
                 group, self._group = self._group, None
                 self._session = None
+                self._leaving = True  # a stack read now shows where the thread is (destroying the group, say)
             if group is not None:
                 group.destroy()
             del store
             del session  # the outcome is built: nothing of the round is needed
             release_round_objects()
+            self._leaving = False
 
     def _form_group(self, spec: RoundSpec, store: Any, device: Any) -> GroupHandle:
         """The round's default group. While it connects, this worker says it is busy: a rank whose peer died

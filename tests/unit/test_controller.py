@@ -341,6 +341,7 @@ def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_a
     group.fail(r0, "boom")
     controller.step()
     aborted_at = group.clock()
+    group.workers[r1].stack = 'File "train.py", line 12, in train_fn\n    leave_the_round_never()'  # it moved on
     step_until(controller, lambda: group.kills != [])
     assert group.kills == [([r1], "unresponsive after abort")]
     assert 5.0 < group.clock() - aborted_at < 6.0
@@ -349,6 +350,8 @@ def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_a
     hung = controller.failures[1]
     assert hung.traceback.startswith("Stack of rank 1 (pid "), hung.traceback  # where its abort found it
     assert "all_gather_on_a_sub_group()" in hung.traceback, hung.traceback
+    later = hung.traceback.split("\nStill in the round ")[1]  # and where it was when it was killed
+    assert later.startswith("5.") and "leave_the_round_never()" in later, hung.traceback
     [restart] = events(controller, "restart")
     assert restart.data["hung_stacks"] == {"1": hung.traceback}  # in the event log too
     assert controller.restarts == 1

@@ -9,6 +9,8 @@ process forming two rounds of one rank with a 2-D (replicate x shard) mesh, no R
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -38,13 +40,20 @@ def _two_rounds(out: mp.Queue) -> None:
     out.put(seen)
 
 
-def test_a_second_round_builds_its_parameters_on_its_own_mesh():
+def _in_a_fresh_process(target: Callable[[mp.Queue], None]) -> Any:
+    """What `target(queue)` puts on its queue, run in a spawned process (a fresh torch)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_two_rounds, args=(out,))
+    proc = ctx.Process(target=target, args=(out,))
     proc.start()
-    seen = out.get(timeout=75)
-    proc.join(10)
+    try:
+        return out.get(timeout=75)
+    finally:
+        proc.join(10)
+
+
+def test_a_second_round_builds_its_parameters_on_its_own_mesh():
+    seen = _in_a_fresh_process(_two_rounds)
     assert seen == [(True, True), (True, True)], seen
 
 
@@ -105,11 +114,6 @@ def test_an_ended_round_leaves_no_listener_and_no_device_mesh_behind():
 
     torch keeps one listener of the process's first round for good (held natively: no Python object
     refers to it), so rounds are compared with the first."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_rounds_that_fail, args=(out,))
-    proc.start()
-    left = out.get(timeout=75)
-    proc.join(10)
+    left = _in_a_fresh_process(_rounds_that_fail)
     first = left[0][0]
     assert first <= 1 and left == [(first, 0)] * 3, f"(listeners, meshes) alive after each round: {left}"

@@ -212,8 +212,6 @@ def _sub_group_accepted_by_rank_1(store: dist.Store, rank: int, result: dict) ->
 
 
 def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
-    import torch
-
     from ray_elastic.worker.process_group import GroupHandle
 
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
@@ -222,13 +220,25 @@ def _late_op_rank(rank: int, store_port: int, out: mp.Queue) -> None:
     sub = _sub_group_accepted_by_rank_1(store, rank, result)  # rank 0's own sever cannot reach it
     if rank == 0:
         result["severed"] = group.sever()  # the coordinator's abort, while the training thread is between ops
-        started = time.monotonic()
-        try:  # rank 1 is alive, has left the round (it never joins this) and did not sever
-            dist.all_reduce(torch.ones(1), group=sub)
-            result["error"] = None
-        except Exception as exc:  # noqa: BLE001 - the point of the test
-            result["error"] = str(exc)[:200]
-        result["blocked_s"] = time.monotonic() - started
+        _all_reduce_rank_1_never_joins(sub, result)  # rank 1 is alive, has left the round and did not sever
+    _finish_when_rank_0_is_done(store, group, rank, result, out)
+
+
+def _all_reduce_rank_1_never_joins(sub: Any, result: dict) -> None:
+    """Rank 0's all-reduce on `sub`; records how it ended ("error") and how long it took ("blocked_s")."""
+    import torch
+
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=sub)
+        result["error"] = None
+    except Exception as exc:  # noqa: BLE001 - the point of the tests
+        result["error"] = str(exc)[:200]
+    result["blocked_s"] = time.monotonic() - started
+
+
+def _finish_when_rank_0_is_done(store: dist.Store, group: Any, rank: int, result: dict, out: mp.Queue) -> None:
+    if rank == 0:
         store.set("rank0_done", "1")
     out.put(result)
     store.wait(["rank0_done"], datetime.timedelta(seconds=75))  # rank 1 keeps the sub-group open until then
@@ -247,8 +257,6 @@ def test_a_collective_started_after_a_sever_fails_at_once_even_on_a_connection_i
 
 
 def _silent_acceptor_rank(rank: int, store_port: int, out: mp.Queue) -> None:
-    import torch
-
     from ray_elastic.worker.process_group import GroupHandle
 
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
@@ -261,17 +269,8 @@ def _silent_acceptor_rank(rank: int, store_port: int, out: mp.Queue) -> None:
     if rank == 0:
         group.learn_peer_listeners()  # a later progress point: every rank's are there
         threading.Timer(1.0, group.sever).start()  # the coordinator's abort, while this rank is blocked
-        started = time.monotonic()
-        try:  # rank 1 is frozen (it never joins this, never severs) and accepted this connection
-            dist.all_reduce(torch.ones(1), group=sub)
-            result["error"] = None
-        except Exception as exc:  # noqa: BLE001 - the point of the test
-            result["error"] = str(exc)[:200]
-        result["blocked_s"] = time.monotonic() - started
-        store.set("rank0_done", "1")
-    out.put(result)
-    store.wait(["rank0_done"], datetime.timedelta(seconds=75))  # rank 1 keeps the sub-group open until then
-    group.destroy()
+        _all_reduce_rank_1_never_joins(sub, result)  # rank 1 is frozen: it accepted this connection, never severs
+    _finish_when_rank_0_is_done(store, group, rank, result, out)
 
 
 def test_a_collective_blocked_on_a_sub_group_connection_accepted_by_a_frozen_peer_fails_at_the_sever():
