@@ -545,7 +545,7 @@ class Controller(DrainSteps, SilenceMixin):
             f"restarts spent {self.restarts}/{self._budget_text()}",
             restarts=self.restarts,
             causes=[o.worker_id for o in causes],
-            # A rank killed for not leaving an aborted round: where its abort found it.
+            # A rank killed for not leaving an aborted round: where its abort found it, and where it was killed.
             hung_stacks={str(f.rank): f.traceback for f in shown if f.kind == "hang" and f.traceback},
         )
         if policy.budget_exhausted(self.restarts, self.config.max_restarts):

@@ -264,8 +264,8 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
     return closed
 
 
-def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> int:
-    """Give every gloo group of this process a collective timeout of `timeout_s`; returns how many were changed.
+def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> None:
+    """Give every gloo group of this process a collective timeout of `timeout_s`.
 
     A sever frees the collectives blocked at that moment. One the training thread starts after it (the
     rest of its step) can find its connection to a peer that already left the round closed, or still open
@@ -275,7 +275,6 @@ def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> int:
     """
     c10d: Any = dist.distributed_c10d
     timeout = datetime.timedelta(seconds=timeout_s)
-    changed = 0
     for pg in list(c10d._world.pg_names):
         for device in list(getattr(pg, "_device_types", [])):
             try:
@@ -284,8 +283,6 @@ def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> int:
                 continue
             if isinstance(backend, dist.ProcessGroupGloo):
                 backend._set_default_timeout(timeout)
-                changed += 1
-    return changed
 
 
 def _abort_every_group() -> int:
