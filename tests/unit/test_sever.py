@@ -282,3 +282,46 @@ def test_a_collective_blocked_on_a_sub_group_connection_accepted_by_a_frozen_pee
     rank0 = results[0]
     assert rank0["attempts"] is not None, f"no sub-group had its connection accepted by rank 1: {results}"
     assert rank0["error"] is not None and rank0["blocked_s"] < 10, f"still blocked after the sever: {rank0}"
+
+
+SEVER_TRIALS = 60
+
+
+def _severed_mid_loop_rank(rank: int, store_port: int, out: mp.Queue) -> None:
+    import random
+
+    import torch
+
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    x = torch.ones(1000)
+    gathered = [torch.empty_like(x) for _ in range(2)]
+    slowest, slowest_error = 0.0, ""
+    for trial in range(SEVER_TRIALS):
+        group = GroupHandle("gloo", dist.PrefixStore(f"secret/round{trial}", store), rank, 2, 2.0)
+        dist.all_gather(gathered, x)
+        if rank == 0:  # the coordinator's abort lands at some point of the training thread's all-gathers
+            threading.Timer(random.uniform(0.0, 0.02), group.sever).start()
+        started = time.monotonic()
+        error = ""
+        try:
+            for _ in range(100_000):
+                dist.all_gather(gathered, x)
+        except Exception as exc:  # noqa: BLE001 - every trial ends in the sever's error
+            error = str(exc)[40:140]
+        if time.monotonic() - started > slowest:
+            slowest, slowest_error = time.monotonic() - started, error
+        group.destroy()
+        store.set(f"trial{trial}/{rank}", "1")
+        store.wait([f"trial{trial}/{1 - rank}"])
+    out.put({"rank": rank, "slowest_s": slowest, "error": slowest_error})
+
+
+def test_a_sever_never_leaves_a_send_waiting_out_the_collective_timeout():
+    """A sever lands while both ranks run all-gathers back to back, 60 times. The collective in progress must
+    fail at once every time. Was: shutting down the write side as well made gloo's send to the peer fail
+    with EPIPE, which gloo only queues (its pair then closes without failing a queued send), so in ~5% of
+    trials the collective waited for the whole collective timeout (here 2 s)."""
+    results = _run_ranks(_severed_mid_loop_rank, 2, timeout_s=80)
+    assert max(r["slowest_s"] for r in results.values()) < 1.0, results
