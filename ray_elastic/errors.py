@@ -5,7 +5,7 @@ Every error the runtime raises to users derives from :class:`ElasticError`::
     ElasticError
     ├── ConfigError              bad input, raised before any actor starts
     │   └── RunNameInUseError    a run name already used without resume=True
-    ├── SnapshotLostError        (snapshot="live") every rank stepped past the last commit
+    ├── SnapshotLostError        the newest commit is gone from memory (ends the run: no restart helps)
     ├── TrainingFailedError      the run failed; names the first failure
     │   ├── NotEnoughNodesError  fewer than min_nodes for longer than the timeout
     │   └── CoordinatorLostError the coordinator actor died
@@ -36,10 +36,12 @@ class RunNameInUseError(ConfigError):
 
 
 class SnapshotLostError(ElasticError):
-    """With snapshot="live", no rank still holds the newest commit (raised in `State(...)`).
+    """No rank still holds the newest commit, and no durable checkpoint replaces it (raised in `State(...)`).
 
-    Every rank's optimizer stepped past the commit and then failed before the next one
-    (train_fn raised on every rank between optimizer.step() and commit()).
+    With snapshot="live": every rank's optimizer stepped past the commit and then failed before
+    the next one (train_fn raised on every rank between optimizer.step() and commit()). Sharded
+    state: some shard and every replica of it are gone. A restart would meet the same loss, so
+    the coordinator ends the run on it (`TrainingFailedError`) instead of spending its budget.
     """
 
     @classmethod

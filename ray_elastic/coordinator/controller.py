@@ -536,6 +536,14 @@ class Controller(DrainSteps, SilenceMixin):
         died = [o.worker_id for o in causes if o.kind is OutcomeKind.DIED]
         if died:
             self.group.kill(died, reason="died")
+        hopeless = next((o for o in causes if o.unrecoverable), None)
+        if hopeless is not None:  # every later round would raise it again: spend no budget on them
+            return self._fail(
+                TrainingFailedError(
+                    f"{hopeless.message.splitlines()[0]} (a restart cannot bring it back, so none was tried)",
+                    self.failures[0], tuple(self.failures), self.restarts, self.config.max_restarts,
+                )
+            )
         self.restarts += 1
         shown = self.failures[len(self.failures) - len(causes):][:3]
         summary = "; ".join(f.describe() for f in shown) + (f"; and {len(causes) - 3} more" if len(causes) > 3 else "")

@@ -105,6 +105,7 @@ class WorkerOutcome:
     message: str = ""
     traceback: str = ""
     communication: bool = False  # the exception came from a collective losing a peer
+    unrecoverable: bool = False  # a restart would fail the same way (the newest commit is lost: SnapshotLostError)
     step: int | None = None
     reports: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # not yet acknowledged
     first_seq: int = 0  # sequence number of reports[0]

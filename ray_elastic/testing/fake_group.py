@@ -150,11 +150,13 @@ class FakeWorkerGroup(WorkerGroup):
         """train_fn returned `value`."""
         self._settle(worker_id, OutcomeKind.DONE, value=value)
 
-    def fail(self, worker_id: str, message: str = "boom", communication: bool = False, step: int | None = None) -> None:
-        """train_fn raised; `communication=True` for a collective that lost a peer."""
+    def fail(self, worker_id: str, message: str = "boom", communication: bool = False, step: int | None = None,
+             unrecoverable: bool = False) -> None:
+        """train_fn raised; `communication=True` for a collective that lost a peer, `unrecoverable=True` for an
+        error no restart can mend (the newest commit lost)."""
         traceback = f"Traceback (most recent call last):\n  File \"train.py\"\nRuntimeError: {message}\n"
         self._settle(worker_id, OutcomeKind.FAILED, message=message, traceback=traceback,
-                     communication=communication, step=step)
+                     communication=communication, step=step, unrecoverable=unrecoverable)
 
     def die(self, worker_id: str) -> None:
         """The worker's process is gone (its node stays)."""

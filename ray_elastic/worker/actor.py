@@ -20,6 +20,7 @@ from ray_elastic.config import RunConfig
 from ray_elastic.context import Session, TrainContext, set_session
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundSpec, StackReport, WorkerOutcome
 from ray_elastic.diagnostics import FLIGHT_RECORDER_ENTRIES, collective_state, py_spy_dump, thread_stack
+from ray_elastic.errors import SnapshotLostError
 from ray_elastic.netbind import listen_host, pin_gloo_interface
 from ray_elastic.pulse import PulseServer
 from ray_elastic.snapshot import SnapshotHolder
@@ -294,6 +295,7 @@ class ElasticWorker:
                 # A failed script subprocess (the CLI) carries the script's own traceback.
                 traceback=getattr(exc, "remote_traceback", "") or "".join(traceback.format_exception(exc)),
                 communication=is_communication_error(exc),
+                unrecoverable=isinstance(exc, SnapshotLostError),
             )
         finally:
             set_session(None)

@@ -256,6 +256,26 @@ def test_budget_exhausted_fails_naming_the_first_failure():
     assert len(group.plans) == 2 and group.shut_down and kinds(controller)[-1] == "failed"
 
 
+def test_a_lost_commit_fails_the_run_at_once_without_spending_budget():
+    """SnapshotLostError would be raised again by every later round (the commit's data is gone): the run fails
+    on it, naming the first failure, instead of retrying until the budget (here unlimited) is spent."""
+    controller, group = make(nodes=2, max_restarts=-1)
+    run_round(controller, group, 0)
+    group.fail(group.member(1), "first failure", step=7)
+    run_round(controller, group, 1)
+    lost = "SnapshotLostError: commit 3 (step 7) is lost: every rank's optimizer stepped past it"
+    for rank in (0, 1):
+        group.fail(group.member(rank), lost, unrecoverable=True)
+    summary = controller.run()
+    error = summary.error
+    assert isinstance(controller.state, Failed) and isinstance(error, TrainingFailedError)
+    assert error.reason.startswith(lost) and "none was tried" in error.reason
+    assert error.first_failure.message == "first failure" and error.restarts == 1 == controller.restarts
+    assert [f.message for f in error.failures] == ["first failure", lost, lost]
+    assert len(group.plans) == 2 and group.shut_down and kinds(controller)[-1] == "failed"
+    assert len(events(controller, "restart")) == 1
+
+
 def test_max_restarts_zero_fails_on_the_first_failure():
     controller, group = make(nodes=1, max_restarts=0)
     run_round(controller, group, 0)
