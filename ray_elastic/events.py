@@ -24,7 +24,9 @@ class Event:
     commit), "crash" (too close to the deadline: dropped as a crash),
     "withdrawn", or "handover" (a drained worker handed the last commit to
     the next round: `to`, `ok`)); commit_lost (no member of a new round holds a
-    commit although the run committed: `step`, `from_storage`); and, sent by a
+    commit although the run committed: `step`, `from_storage`); shards_handed_over
+    (a rank killed for staying in an aborted round first gave the sharded
+    commits it held to a rank that left: `rank`, `to_rank`, `shards`); and, sent by a
     worker, restored_from_storage (sharded state whose shards and replicas were lost).
     """
 

@@ -83,6 +83,11 @@ class WorkerGroup(abc.ABC):
         """Copy the committed snapshot of idle worker `source` into idle worker `target`; True if it holds it."""
         return False
 
+    def hand_over_shards(self, source: str, keepers: list[str], timeout_s: float) -> tuple[str, list[int]] | None:
+        """Before `source` is killed: give the sharded commits it holds to the first of the idle `keepers` that
+        lacks some of them; (that keeper, the shards it kept), or None (nothing kept). Default: none."""
+        return None
+
     def worker_pids(self) -> list[int]:
         """Process ids of every worker the run started (for leak checks)."""
         return []

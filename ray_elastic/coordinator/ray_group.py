@@ -186,6 +186,27 @@ class RayWorkerGroup(WorkerGroup):
             return False
         return bool(held >= 0)
 
+    def hand_over_shards(self, source: str, keepers: list[str], timeout_s: float) -> tuple[str, list[int]] | None:
+        src = self._slot(source)
+        if src is None or src.status == DEAD:  # BUSY: still in its round, which is the point
+            return None
+        held = src.actor.export_shards.remote()  # stays in the object store: keepers fetch it, not the coordinator
+        deadline = time.monotonic() + timeout_s
+        for keeper in keepers:
+            dst = self._slot(keeper)
+            if dst is None or dst.status != READY:
+                continue
+            try:
+                kept = ray.get(dst.actor.adopt_shards.remote(held), timeout=max(0.1, deadline - time.monotonic()))
+            except (RayError, ray.exceptions.GetTimeoutError):
+                logger.warning("handing the shards of %s over to %s failed", source, keeper, exc_info=True)
+                return None
+            if kept is None:  # nothing was offered: no sharded state
+                return None
+            if kept:
+                return keeper, kept
+        return None
+
     def _express_demand(self, wanted: int) -> None:
         """Ask the autoscaler (if any) for room for `wanted` node groups; a no-op on fixed clusters.
 

@@ -16,6 +16,7 @@ from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundPlan, Sta
 from ray_elastic.diagnostics import compare_collectives, first_user_frame
 
 _KILLED = (OutcomeKind.SILENT, OutcomeKind.DIED, OutcomeKind.HUNG)
+SHARD_HANDOVER_TIMEOUT_S = 10.0  # how long a rank about to be killed has to give its shards to a peer
 LATER_STACK_WAIT_S = 0.5  # how long a rank about to be killed for staying in an aborted round has to say where
 
 
@@ -129,8 +130,28 @@ class SilenceMixin:
                     state.stacks.get(worker_id), ranks[worker_id][0], state.plan.round_id)
                 + _later_stack_text(later.get(worker_id), now - state.since),
             )
+        for worker_id in sorted(overdue):
+            self._hand_over_shards(state, worker_id, ranks)
         self.group.kill(sorted(lost | set(overdue)), reason="unresponsive after abort")
         return True
+
+    def _hand_over_shards(self, state: Any, worker_id: str, ranks: dict[str, tuple[int, str]]) -> None:
+        """Before a rank that answers but stays in an aborted round is killed: it gives the sharded commits it holds
+        to a rank that left (another node's first), so that its shards outlive it (it may hold a shard's only
+        other copy). A rank stuck in a gloo collective still answers on its other threads."""
+        left = [w for w, o in state.outcomes.items() if o.kind not in _KILLED and w in ranks]
+        if not left:
+            return
+        rank, node_id = ranks[worker_id]
+        left.sort(key=lambda w: (ranks[w][1] == node_id, ranks[w][0]))
+        kept = self.group.hand_over_shards(worker_id, left, SHARD_HANDOVER_TIMEOUT_S)
+        if kept is None:
+            return
+        keeper, shards = kept
+        self._emit("shards_handed_over",
+                   f"rank {rank} stayed in aborted round {state.plan.round_id}; before it was killed it gave old "
+                   f"shard(s) {', '.join(map(str, shards))} to rank {ranks[keeper][0]} (node {ranks[keeper][1][:12]})",
+                   rank=rank, to_rank=ranks[keeper][0], shards=shards)
 
     def _stall_message(self) -> str:  # provided by Controller
         raise NotImplementedError

@@ -392,6 +392,32 @@ class ShardStore:
                 shard.record_stream(self._stream)
         self._stream.synchronize()
 
+    # -- handing shards over --------------------------------------------------------------------------
+    def export_held(self) -> list[dict[str, Any]]:
+        """The commits this process holds whole (its own shard and the replicas that arrived), for a peer to keep.
+
+        Read from another thread while the training thread may be stuck in a collective: it takes only
+        `current` and `pending` (complete once assigned) and never waits for a transfer in flight.
+        """
+        return [
+            {"commit_id": g.commit_id, "world": g.world, "shards": {g.rank: g.own, **g.replicas}}
+            for g in (self.current, self.pending) if g is not None
+        ]
+
+    def adopt(self, held: list[dict[str, Any]]) -> list[int]:
+        """Keep the shards of `held` (another process's `export_held`) that this process lacks, in its generation
+        of the same commit; return the shards newly kept. A commit this process does not hold is skipped."""
+        adopted = []
+        for entry in held:
+            generation = self.generation(entry["commit_id"], entry["world"])
+            if generation is None:
+                continue
+            for shard, flat in entry["shards"].items():
+                if shard != generation.rank and shard not in generation.replicas:
+                    generation.replicas[shard] = flat.clone()  # owned: the buffer may be recycled as a spare
+                    adopted.append(shard)
+        return sorted(set(adopted))
+
     def bytes_held(self) -> int:
         return sum(b.numel() for g in (self.current, self.pending) if g is not None for b in g.buffers())
 

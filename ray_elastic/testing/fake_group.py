@@ -112,6 +112,8 @@ class FakeWorkerGroup(WorkerGroup):
         self.shut_down = False
         self.draining: dict[str, DrainNotice] = {}
         self.handovers: list[tuple[str, str]] = []
+        self.shards_held: dict[str, list[int]] = {}  # set by a test: the old shards a worker holds
+        self.shard_handovers: list[tuple[str, str, list[int]]] = []
 
     # -- the test's controls ---------------------------------------------------------------------
     def add_node(self, node_id: str | None = None, start_s: float = 0.0, pulse: bool = True) -> str:
@@ -285,6 +287,17 @@ class FakeWorkerGroup(WorkerGroup):
             return False
         self.handovers.append((source, target))
         return True
+
+    def hand_over_shards(self, source: str, keepers: list[str], timeout_s: float) -> tuple[str, list[int]] | None:
+        shards = self.shards_held.get(source)
+        if not shards:
+            return None
+        for keeper in keepers:
+            worker = self.workers.get(keeper)
+            if worker is not None and worker.status != "dead" and not self._in_round(worker):
+                self.shard_handovers.append((source, keeper, list(shards)))
+                return keeper, list(shards)
+        return None
 
     def start_round(self, plan: RoundPlan) -> None:
         now = self.clock()

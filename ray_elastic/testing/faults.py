@@ -1,4 +1,4 @@
-"""Faults as data: inject a raise, a crash or a hang at a given rank and step.
+"""Faults as data: inject a raise, a crash, a hang or a stall at a given rank and step.
 
     faults = FaultInjector().fail_at(rank=1, step=17).kill_at(rank=2, step=30)
     def train_fn(config):
@@ -32,13 +32,14 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "raise" | "kill" | "hang" | "exit"
+    kind: str  # "raise" | "kill" | "hang" | "stall"
     rank: int
     step: int
     restart_count: int = 0
 
 
-_KINDS = ("raise", "kill", "hang")
+_KINDS = ("raise", "kill", "hang", "stall")
+STALL_S = 3600.0
 
 
 def _trigger_path(trigger_dir: str, kind: str, rank: int) -> str:
@@ -75,6 +76,11 @@ class FaultInjector:
         """The worker process of `rank` SIGSTOPs itself at `step` (a hang the watchdog must catch)."""
         return self._add("hang", rank, step, restart_count)
 
+    def stall_at(self, rank: int, step: int, restart_count: int = 0) -> FaultInjector:
+        """The training thread of `rank` sleeps for an hour at `step`: its process answers probes and aborts, but
+        never leaves its round (as a rank stuck in a collective no sever reaches), until it is killed."""
+        return self._add("stall", rank, step, restart_count)
+
     def check(self, step: int) -> None:
         """Fire any fault set for (or requested of) this rank, step and restart count."""
         ctx = get_context()
@@ -100,6 +106,8 @@ class FaultInjector:
         if kind == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(0.1)
+        if kind == "stall":
+            time.sleep(STALL_S)
 
 
 def fail_at(rank: int, step: int, restart_count: int = 0) -> FaultInjector:

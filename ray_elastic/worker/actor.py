@@ -196,6 +196,24 @@ class ElasticWorker:
             group.sever()
         return report
 
+    def export_shards(self) -> list[dict[str, Any]]:
+        """The sharded commits this process holds, for a peer to keep before this process is killed for not
+        leaving an aborted round (answered while the training thread is stuck; empty: no sharded state)."""
+        store = self.snapshots.shards
+        return [] if store is None else store.export_held()
+
+    def adopt_shards(self, held: list[dict[str, Any]]) -> list[int] | None:
+        """Keep the shards of a peer about to be killed (`export_shards`) that this process lacks; between rounds
+        only. Returns the shards kept; None when nothing was offered."""
+        if not held:
+            return None
+        store = self.snapshots.shards
+        with self._lock:
+            in_round = self._session is not None
+        if store is None or in_round:
+            return []
+        return store.adopt(held)
+
     def export_snapshot(self) -> dict[str, Any] | None:
         """This worker's committed snapshot, handed over before its node is drained (None: it holds none)."""
         with self._lock:

@@ -141,6 +141,51 @@ def test_row20_shard_and_its_only_replica_lost_resumes_from_durable_checkpoint(c
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
+def test_a_rank_killed_for_staying_in_an_aborted_round_gives_its_shards_to_a_survivor_first(cluster, no_leaks, trace,
+                                                                                            figures, tmp_path):
+    """4 nodes, one replica per shard: rank 2, which holds rank 1's only replica, stalls in its training thread
+    right after a commit (it answers, but no abort frees it, as a rank stuck in a gloo send to a dead peer), and
+    rank 1 is SIGKILLed. Before rank 2 is killed for staying in the aborted round, it gives the shards it holds
+    to a rank that left, and the survivors rebuild the last commit from memory, 0 redone. Was: rank 1's shard
+    went with rank 2 and, with no durable checkpoint, the run failed (SnapshotLostError)."""
+    ensure_nodes(cluster, 4)
+    triggers = trace.dir / "triggers"
+    triggers.mkdir()
+    faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
+    run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
+                                                      "faults": faults},
+                        min_nodes=2, max_nodes=4, max_restarts=1, abort_timeout_s=2.0)
+    formed = _trained_at(run, trace, world_size=4, steps=2)
+    first = {m["rank"]: m for m in read_members(str(trace.dir)) if m["round"] == formed["round_id"]}
+    request_fault(str(triggers), "stall", 2)
+    deadline = time.monotonic() + 60
+    while not trace.fired() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stall = trace.fired()[0]
+    os.kill(first[1]["pid"], signal.SIGKILL)  # the others now wait on rank 2 in the next step, rank 1 vanishes
+    handed = run.wait_for("shards_handed_over", timeout_s=60)
+    restarted = run.wait_for("round_formed", cause="restart", timeout_s=60)
+    trace.wait_for_round_commits(restarted["round_id"], steps=2, alive=run.alive)
+    steps = trace.stop_at(trace.commits()[-1].step + 4)
+    result = run.join()
+    figures(19, "FSDP2 rank SIGKILL + its replica holder stuck past the abort", steps_redone=trace.redone(),
+            recovery_s=trace.recovery_s(stall.wall), restarts=result.restarts, budget=1)
+    assert (stall.kind, stall.rank) == ("stall", 2)
+    assert handed["data"]["rank"] == 2 and handed["data"]["to_rank"] in (0, 3), handed
+    assert 1 in handed["data"]["shards"], "rank 1's only replica was handed over"
+    assert result.restarts == 1, [e.message for e in result.events]
+    restores = [r for r in read_restores(str(trace.dir)) if r["round"] >= restarted["round_id"]]
+    assert [(r["source"], r["step"]) for r in restores[:1]] == [("memory", stall.step)], restores
+    _exact(read_restores(str(trace.dir)))
+    members = read_members(str(trace.dir))
+    assert {m["pid"] for m in members if m["round"] == restarted["round_id"] and m["source"] == "memory"} >= {
+        first[0]["pid"], first[3]["pid"]}, members
+    assert not any(e.kind == "restored_from_storage" for e in result.events)
+    assert trace.redone() == 0
+    _check_log(result, steps)
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
 def test_resume_at_a_different_world_size_loads_the_sharded_checkpoint_resharded(cluster, no_leaks, trace, tmp_path):
     ensure_nodes(cluster, 3)
     storage, name = str(tmp_path / "storage"), f"sharded-resume-{time.time_ns()}"

@@ -377,6 +377,23 @@ def test_worker_that_answers_but_never_leaves_an_aborted_round_is_killed_after_a
     assert controller.restarts == 1
 
 
+def test_a_rank_killed_for_staying_in_an_aborted_round_first_gives_its_shards_to_a_rank_on_another_node():
+    controller, group = make(nodes=3, nproc=2, probe_timeout_s=2.0, abort_timeout_s=5.0)
+    group.settle_on_abort = False
+    run_round(controller, group, 0)
+    stuck = group.member(2)  # node 2, with rank 3 beside it
+    group.shards_held[stuck] = [1, 2]
+    group.fail(group.member(0), "boom")
+    for rank in (1, 3, 4, 5):
+        group.fail(group.member(rank), "peer gone", communication=True)
+    step_until(controller, lambda: group.kills != [])
+    assert group.kills == [([stuck], "unresponsive after abort")]
+    assert group.shard_handovers == [(stuck, group.member(0), [1, 2])], "before the kill, to another node's rank"
+    [handed] = events(controller, "shards_handed_over")
+    assert handed.data == {"rank": 2, "to_rank": 0, "shards": [1, 2]}
+    assert "rank 2 stayed in aborted round 0" in handed.message
+
+
 def test_stalled_worker_that_leaves_when_aborted_is_still_blamed_for_the_hang():
     controller, group = make(nodes=2, hang_timeout_s=10.0, max_restarts=0)
     run_round(controller, group, 0)
