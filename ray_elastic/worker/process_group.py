@@ -42,8 +42,7 @@ STORE_PROBE_PAUSE_S = 0.05  # between probes of a round's store that refused a c
 FORM_TIMEOUT_S = 3.0  # gloo's timeout while the ranks of a round, all arrived, connect (see form_timeout_s)
 FIN_DELAY_S = 0.02  # a sever tells peers this long after it failed its own side: a peer's send in flight lands
 FIN_WAIT_S = 0.2  # ... or longer, up to this, until gloo let go of every connection (see shutdown_gloo_connections)
-_SEVERED: list[socket.socket] = []  # this process's own descriptors of severed gloo connections
-_SEVERED_LOCK = threading.Lock()
+FIN_LINGER_S = 2.0  # then keeps its own descriptors this long before closing them
 ABORTED_OP_TIMEOUT_S = 0.2  # a collective started after a sever fails within this (see fail_later_gloo_ops)
 GLOO_CONNECT_WAIT_FACTOR = 5  # a rank waits ~5x gloo's timeout for a peer lost mid-connect (torch 2.13, measured)
 _ARRIVAL_KEYS = "ray_elastic/{}arrived"  # a count of the ranks that arrived at a group's forming
@@ -253,14 +252,14 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
     because gloo never fails a send it had to queue (a write that met a closed or reset connection) when
     the connection then closes: such a collective waits out the collective timeout.
 
-    1. The read side: gloo's thread reads end-of-file and fails the connection, so every op on it
-       raises and no later send is tried on it. gloo then closes its descriptor.
-    2. `FIN_DELAY_S` later, once gloo has let go (at most `FIN_WAIT_S`), the write side, through a
-       descriptor of this process's own: the peer reads end-of-file. Had gloo's close ended the
-       connection, the unread bytes in it would reset it under a send the peer is making; and data
-       that arrives after this side's end-of-file resets it too, so the peer gets the delay to finish
-       the send it is in (it then waits to receive, which end-of-file fails). The descriptors are
-       closed by `release_severed_connections` once the group is gone.
+    1. Here, the read side: gloo's thread reads end-of-file and fails the connection, so every op on
+       it raises and no later send is tried on it. gloo then closes its descriptor.
+    2. In the background (`_tell_peers`), `FIN_DELAY_S` later and once gloo has let go (at most
+       `FIN_WAIT_S`), the write side, through a descriptor of this process's own: the peer reads
+       end-of-file. Had gloo's close ended the connection, the unread bytes in it would reset it under
+       a send the peer is making; and data that arrives after this side's end-of-file resets it too, so
+       the peer gets the delay to finish the send it is in (it then waits to receive, which end-of-file
+       fails).
 
     Measured (two processes severed in the middle of back-to-back all-gathers): shutting both sides at
     once left a collective waiting out its timeout in ~12% of severs, on either side; this, in none of 480.
@@ -279,6 +278,13 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
         except OSError:
             pass
         sock.close()
+    if severed:
+        threading.Thread(target=_tell_peers, args=(severed,), name="ray_elastic-sever", daemon=True).start()
+    return len(severed)
+
+
+def _tell_peers(severed: list[tuple[socket.socket, int]]) -> None:
+    """Step 2 of `shutdown_gloo_connections`: end-of-file to the peers, then (`FIN_LINGER_S` later) close."""
     started = time.monotonic()
     time.sleep(FIN_DELAY_S)
     while any(_same_socket(fd, sock) for sock, fd in severed) and time.monotonic() < started + FIN_WAIT_S:
@@ -288,9 +294,9 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-    with _SEVERED_LOCK:
-        _SEVERED.extend(sock for sock, _ in severed)
-    return len(severed)
+    time.sleep(FIN_LINGER_S)  # the peer closes its end on reading end-of-file: closing ours then resets nothing
+    for sock, _ in severed:
+        sock.close()
 
 
 def _same_socket(fd: int, sock: socket.socket) -> bool:
@@ -299,14 +305,6 @@ def _same_socket(fd: int, sock: socket.socket) -> bool:
         return os.fstat(fd).st_ino == os.fstat(sock.fileno()).st_ino
     except OSError:
         return False
-
-
-def release_severed_connections() -> None:
-    """Close this process's own descriptors of severed gloo connections (after the group is destroyed)."""
-    with _SEVERED_LOCK:
-        kept, _SEVERED[:] = list(_SEVERED), []
-    for sock in kept:
-        sock.close()
 
 
 def fail_later_gloo_ops(timeout_s: float = ABORTED_OP_TIMEOUT_S) -> None:
@@ -465,7 +463,6 @@ class GroupHandle:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a broken group may complain while going away
             logger.debug("destroy_process_group failed", exc_info=True)
-        release_severed_connections()
 
 
 def exchange_listeners(store: dist.Store, rank: int, world_size: int, own: set[Address],
