@@ -198,9 +198,12 @@ class RayWorkerGroup(WorkerGroup):
                 continue
             try:
                 kept = ray.get(dst.actor.adopt_shards.remote(held), timeout=max(0.1, deadline - time.monotonic()))
-            except (RayError, ray.exceptions.GetTimeoutError):
-                logger.warning("handing the shards of %s over to %s failed", source, keeper, exc_info=True)
+            except ray.exceptions.GetTimeoutError:
+                logger.warning("handing the shards of %s over to %s took longer than %ss", source, keeper, timeout_s)
                 return None
+            except RayError:  # the keeper (or the source, while exporting) is gone: try the next keeper
+                logger.warning("handing the shards of %s over to %s failed", source, keeper, exc_info=True)
+                continue
             if kept is None:  # nothing was offered: no sharded state
                 return None
             if kept:

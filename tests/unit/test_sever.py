@@ -325,3 +325,61 @@ def test_a_sever_never_leaves_a_send_waiting_out_the_collective_timeout():
     trials the collective waited for the whole collective timeout (here 2 s)."""
     results = _run_ranks(_severed_mid_loop_rank, 2, timeout_s=80)
     assert max(r["slowest_s"] for r in results.values()) < 1.0, results
+
+
+def _closed_store_rank(store_port: int, closed: Any, out: mp.Queue) -> None:
+    from ray_elastic.worker.process_group import GroupHandle
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=5))
+    group = GroupHandle("gloo", dist.PrefixStore("secret/round0", store), 0, 1, 30.0)
+    out.put("formed")
+    closed.wait(30)  # the round is over: its store is gone before this rank's first progress point
+    result: dict = {}
+    started = time.monotonic()
+    try:
+        group.learn_peer_listeners()
+        result["gave_up"] = group._peers_known
+        group.learn_peer_listeners()  # given up: not tried again
+        result["error"] = None
+    except Exception as exc:  # noqa: BLE001 - the point of the test
+        result["error"] = repr(exc)
+    result["took_s"] = time.monotonic() - started
+    try:
+        store.set("probe", "1")
+        result["store_closed"] = False
+    except Exception:  # noqa: BLE001 - expected: the store is gone
+        result["store_closed"] = True
+    result["severed"] = group.sever()
+    group.destroy()
+    out.put(result)
+
+
+def _store_host(out: mp.Queue) -> None:
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    out.put(server.port)
+    time.sleep(120)  # until killed
+
+
+def test_a_rank_that_cannot_reach_the_rounds_store_gives_up_learning_peers_and_can_still_sever():
+    """The listener exchange runs at a commit: a closed round store must not fail the commit or wait on it."""
+    ctx = mp.get_context("spawn")
+    out, closed = ctx.Queue(), ctx.Event()
+    host = ctx.Process(target=_store_host, args=(out,))
+    host.start()
+    proc = ctx.Process(target=_closed_store_rank, args=(out.get(timeout=60), closed, out))
+    proc.start()
+    try:
+        assert out.get(timeout=60) == "formed"
+        host.kill()
+        host.join(10)
+        closed.set()
+        result = out.get(timeout=60)
+    finally:
+        for p in (proc, host):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert result["store_closed"], "the test's premise: the round's store is gone"
+    assert result["error"] is None and result["gave_up"] and result["took_s"] < 10, result
+    assert result["severed"] == 0, result  # one rank: no connection to shut, and no error either
