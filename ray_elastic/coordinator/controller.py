@@ -251,6 +251,11 @@ class Controller(DrainSteps, SilenceMixin):
         self._emit("failed", str(error).splitlines()[0])
         return Failed(error)
 
+    def _give_up(self, reason: str, error_type: type[TrainingFailedError] = TrainingFailedError) -> Failed:
+        """Fail the run for `reason`, naming the failures seen so far and the budget spent."""
+        return self._fail(error_type(reason, self.failures[0] if self.failures else None, tuple(self.failures),
+                                     self.restarts, self.config.max_restarts))
+
     # -- states -------------------------------------------------------------------------------
     def _on_waiting(self, state: Waiting, now: float) -> State:
         ready = self.group.ready_groups()
@@ -276,17 +281,12 @@ class Controller(DrainSteps, SilenceMixin):
                 f"{self.config.worker_start_timeout_s:g}s: raise it if placement or imports are slow)"
                 if pending else ""
             )
-            return self._fail(
-                NotEnoughNodesError(
-                    f"only {len(ready)} of min_nodes={self.config.min_nodes} node(s) could run "
-                    f"{self.config.nproc_per_node} worker(s) with {self.config.bundle} each after "
-                    f"waiting {now - state.since:g}s{starting}; add nodes, lower min_nodes, "
-                    f"or raise wait_for_nodes_timeout_s",
-                    self.failures[0] if self.failures else None,
-                    tuple(self.failures),
-                    self.restarts,
-                    self.config.max_restarts,
-                )
+            return self._give_up(
+                f"only {len(ready)} of min_nodes={self.config.min_nodes} node(s) could run "
+                f"{self.config.nproc_per_node} worker(s) with {self.config.bundle} each after "
+                f"waiting {now - state.since:g}s{starting}; add nodes, lower min_nodes, "
+                f"or raise wait_for_nodes_timeout_s",
+                NotEnoughNodesError,
             )
         if decision.reason != state.last_message:
             state.last_message = decision.reason
@@ -538,12 +538,8 @@ class Controller(DrainSteps, SilenceMixin):
             self.group.kill(died, reason="died")
         hopeless = next((o for o in causes if o.unrecoverable), None)
         if hopeless is not None:  # every later round would raise it again: spend no budget on them
-            return self._fail(
-                TrainingFailedError(
-                    f"{hopeless.message.splitlines()[0]} (a restart cannot bring it back, so none was tried)",
-                    self.failures[0], tuple(self.failures), self.restarts, self.config.max_restarts,
-                )
-            )
+            return self._give_up(
+                f"{hopeless.message.splitlines()[0]} (a restart cannot bring it back, so none was tried)")
         self.restarts += 1
         shown = self.failures[len(self.failures) - len(causes):][:3]
         summary = "; ".join(f.describe() for f in shown) + (f"; and {len(causes) - 3} more" if len(causes) > 3 else "")
@@ -557,15 +553,7 @@ class Controller(DrainSteps, SilenceMixin):
             hung_stacks={str(f.rank): f.traceback for f in shown if f.kind == "hang" and f.traceback},
         )
         if policy.budget_exhausted(self.restarts, self.config.max_restarts):
-            return self._fail(
-                TrainingFailedError(
-                    "restart budget exhausted; raise max_restarts or fix the root cause",
-                    self.failures[0],
-                    tuple(self.failures),
-                    self.restarts,
-                    self.config.max_restarts,
-                )
-            )
+            return self._give_up("restart budget exhausted; raise max_restarts or fix the root cause")
         return Forming(cause="restart")
 
     def _budget_text(self) -> str:
