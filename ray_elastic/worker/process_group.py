@@ -43,6 +43,8 @@ FORM_TIMEOUT_S = 3.0  # gloo's timeout while the ranks of a round, all arrived, 
 FIN_DELAY_S = 0.02  # a sever tells peers this long after it failed its own side: a peer's send in flight lands
 FIN_WAIT_S = 0.2  # ... or longer, up to this, until gloo let go of every connection (see shutdown_gloo_connections)
 FIN_LINGER_S = 2.0  # then keeps its own descriptors this long before closing them
+_SEVERING: set[int] = set()  # socket inodes a sever is still finishing (see _tell_peers)
+_SEVERING_LOCK = threading.Lock()
 ABORTED_OP_TIMEOUT_S = 0.2  # a collective started after a sever fails within this (see fail_later_gloo_ops)
 GLOO_CONNECT_WAIT_FACTOR = 5  # a rank waits ~5x gloo's timeout for a peer lost mid-connect (torch 2.13, measured)
 _ARRIVAL_KEYS = "ray_elastic/{}arrived"  # a count of the ranks that arrived at a group's forming
@@ -272,10 +274,16 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
         except OSError:
             continue
         try:
-            if _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
+            inode = os.fstat(sock.fileno()).st_ino
+            with _SEVERING_LOCK:  # a second sever (the abort's, then the training thread's) finds it again
+                fresh = inode not in _SEVERING
+                _SEVERING.add(inode)
+            if fresh and _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
                 sock.shutdown(socket.SHUT_RD)
                 severed.append((sock, conn.fd))
                 continue
+            if fresh:
+                _forget_severing([sock])
         except OSError:
             pass
         sock.close()
@@ -296,8 +304,18 @@ def _tell_peers(severed: list[tuple[socket.socket, int]]) -> None:
         except OSError:
             pass
     time.sleep(FIN_LINGER_S)  # the peer closes its end on reading end-of-file: closing ours then resets nothing
+    _forget_severing([sock for sock, _ in severed])
     for sock, _ in severed:
         sock.close()
+
+
+def _forget_severing(socks: list[socket.socket]) -> None:
+    with _SEVERING_LOCK:
+        for sock in socks:
+            try:
+                _SEVERING.discard(os.fstat(sock.fileno()).st_ino)
+            except OSError:
+                pass
 
 
 def _same_socket(fd: int, sock: socket.socket) -> bool:
