@@ -74,13 +74,13 @@ def test_autoscaler_v1_grows_the_run_to_max_nodes(no_shared_cluster, tmp_path):
         assert auto.worker_nodes() == []
         run = BackgroundRun(tmp_path, ddp_train,
                             config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir)},
-                            min_nodes=1, max_nodes=3, max_restarts=0, wait_for_nodes_timeout_s=120)
-        run.wait_for("round_formed", num_nodes=3, timeout_s=150)
+                            min_nodes=1, max_nodes=2, max_restarts=0, wait_for_nodes_timeout_s=120)
+        run.wait_for("round_formed", num_nodes=2, timeout_s=150)
         trace.wait_for_step(trace.commits()[-1].step + 3 if trace.commits() else 3, alive=run.alive)
         steps = trace.stop_at(trace.commits()[-1].step + 5)
         result = run.join()
         check_run(result, steps, restarts=0)
-        assert result.rounds[-1].num_nodes == 3 and len(auto.worker_nodes()) == 3
+        assert result.rounds[-1].num_nodes == 2 and len(auto.worker_nodes()) == 2
         assert_no_leaks(result.worker_pids, raylet_pids=auto.raylet_pids())
 
 

@@ -110,13 +110,26 @@ def _check_resumed(snap: Path, steps: int, world_size: int) -> list[int]:
     return [s["pid"] for s in starts]
 
 
+def paced_until_restart(tmp_path: Path) -> Path:
+    """The example, its per-step sleep skipped once restarted: the faults come in the first attempt."""
+    wrapper = tmp_path / "paced_until_restart.py"
+    wrapper.write_text(f"""
+import os, runpy, time
+_sleep = time.sleep
+time.sleep = lambda s: None if os.environ["TORCHELASTIC_RESTART_COUNT"] != "0" else _sleep(s)
+runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
+""")
+    return wrapper
+
+
 # In-process `main([...])` is covered by the other tests here; this one goes through `python -m`.
 @pytest.mark.parametrize("mode", ["subprocess"])
 def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, cluster, no_leaks, tmp_path):
     cluster.resize(2)
     snap, logs, steps = tmp_path / "snap", tmp_path / "logs", 30
     argv = ["run", "--nnodes=2", "--nproc_per_node=2", "--max-restarts=2", "--rdzv-id", f"cli-{mode}",
-            "--log-dir", str(logs), str(EXAMPLE), "--snapshot-dir", str(snap), "--steps", str(steps), "--sleep", "0.2"]
+            "--log-dir", str(logs), str(paced_until_restart(tmp_path)), "--snapshot-dir", str(snap), "--steps",
+            str(steps), "--sleep", "0.2"]
     box: dict = {}
     if mode == "in_process":
         thread = threading.Thread(target=lambda: box.update(rc=main(argv)))
@@ -231,7 +244,7 @@ def test_failing_script_reports_root_cause_as_torchrun_does(cluster, no_leaks, t
 def test_killing_a_worker_actor_kills_its_script(cluster, no_leaks, tmp_path):
     cluster.resize(2)
     snap = tmp_path / "snap"
-    argv = ["run", "--nnodes=2", "--max-restarts=2", str(EXAMPLE), "--snapshot-dir", str(snap),
+    argv = ["run", "--nnodes=2", "--max-restarts=2", str(paced_until_restart(tmp_path)), "--snapshot-dir", str(snap),
             "--steps", "25", "--sleep", "0.2"]
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(rc=main(argv)))

@@ -1,14 +1,14 @@
 """README's "ray job submit" section, walked as a new user would, and joining a token-protected cluster.
 
 A fresh HOME (no ~/.ray): the README's set-up runs the quickstart (a local `ray.init()`,
-which writes ~/.ray/auth_token), then the job-submit section's commands run as written,
-in one shell. Only what keeps this cluster from meeting others on the machine is added:
-the quickstart runs with RAY_ADDRESS=local, `ray start` gets its own ports, temp dir and
-node IP, and the dashboard port in the submit address follows. The same head (token
-authentication on, as the README leaves it) then serves the checks of `run()` and
-`ray-elastic run --address` with no token, a wrong one and the right one. Teardown kills
-exactly the processes that carry this HOME in their environment, never `ray stop`
-(which would stop every Ray on the machine).
+which writes ~/.ray/auth_token; its output is checked as a new user reads it), then the
+job-submit section's commands run as written, in one shell. Only what keeps this cluster
+from meeting others on the machine is added: the quickstart runs with RAY_ADDRESS=local,
+`ray start` gets its own ports, temp dir and node IP, and the dashboard port in the submit
+address follows. The same head (token authentication on, as the README leaves it) then
+serves the checks of `run()` and `ray-elastic run --address` with no token, a wrong one
+and the right one. Teardown kills exactly the processes that carry this HOME in their
+environment, never `ray stop` (which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class ReadmeMachine:
 
     def __init__(self, root: Path):
         self.root = root
+        self.quickstart_output = ""
         self.home = root / "home"
         self.home.mkdir()
         self.gcs_port = _free_port()
@@ -92,6 +93,11 @@ class ReadmeMachine:
     def processes(self) -> list[psutil.Process]:
         return marked_processes("HOME", self.env["HOME"])
 
+    def wait_gone(self, wait_s: float) -> list[str]:
+        """Wait for every process carrying this HOME to exit; name those still running."""
+        _, alive = psutil.wait_procs(self.processes(), timeout=wait_s)
+        return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in alive if p.is_running()]
+
     def stop(self) -> list[str]:
         """Terminate, then kill, every process carrying this HOME; return what survived."""
         procs = self.processes()
@@ -115,9 +121,12 @@ def readme_head(clusters) -> Iterator[ReadmeMachine]:
     try:
         # RAY_ADDRESS=local: a fresh local Ray, as on the reader's machine, not whichever cluster another
         # test on this shared machine started last (ray.init() joins that one otherwise).
-        quick = machine.shell("python examples/quickstart.py", timeout_s=240,
+        quick = machine.shell("python examples/quickstart.py 2>&1", timeout_s=240,
                               env=dict(machine.env, RAY_ADDRESS="local"))
-        assert quick.returncode == 0, (quick.stdout + quick.stderr)[-4000:]
+        assert quick.returncode == 0, quick.stdout[-4000:]
+        machine.quickstart_output = quick.stdout
+        left = machine.wait_gone(wait_s=15)
+        assert not left, f"the quickstart left processes behind: {left}"
         assert (machine.home / ".ray" / "auth_token").is_file(), "the quickstart's ray.init() writes the token"
         setup = [c for c in machine.commands if not c.startswith("ray job submit")]
         head = machine.shell("\n".join(machine.isolate(c) for c in setup), timeout_s=180)
@@ -127,6 +136,20 @@ def readme_head(clusters) -> Iterator[ReadmeMachine]:
         survivors = machine.stop()
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"Ray processes left behind: {survivors}"
+
+
+def test_quickstart_output_reads_right_from_the_first_line(readme_head, no_shared_cluster):
+    """The README's quickstart on a machine that never ran Ray (issue 14): no warning lines, no wait for
+    nodes that exist, and the first line about the failure names its cause (rank 1 raised InjectedFault),
+    not the collective error it caused."""
+    out = readme_head.quickstart_output
+    lines = out.splitlines()
+    assert not [line for line in lines if "warn" in line.lower()], out[-6000:]
+    assert not [line for line in lines if "waiting" in line], out[-6000:]
+    failure = next(line for line in lines if re.search(r"fail|died|lost", line))
+    assert "InjectedFault" in failure and "rank 1" in failure, out[-6000:]
+    assert failure.index("InjectedFault") < failure.find("consequence") or "consequence" not in failure
+    assert "restarts spent: 1" in lines[-1], out[-6000:]
 
 
 def test_readme_job_submit_works_as_written_after_the_quickstart(readme_head, no_shared_cluster):
