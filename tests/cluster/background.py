@@ -56,7 +56,19 @@ class BackgroundRun:
                 raise AssertionError(f"run ended before {count} {kind!r} event(s): {self.error!r}")
             time.sleep(0.05)
         seen = [e["kind"] for e in self.events()]
-        raise AssertionError(f"no {count} {kind!r} event(s) within {timeout_s}s; saw {seen}")
+        raise AssertionError(f"no {count} {kind!r} event(s) within {timeout_s}s; saw {seen}\n{self.stacks_text()}")
+
+    def stacks_text(self) -> str:
+        """Where every rank of the still running run is now (for a failure message)."""
+        run_ids = {e["run_id"] for e in self.events()}
+        if not self.alive() or len(run_ids) != 1:
+            return "(no stacks: the run is not running)"
+        try:
+            ranks = ray_elastic.stacks(run_ids.pop(), timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic only
+            return f"(no stacks: {exc!r})"
+        return "\n".join(f"--- rank {s.rank} (pid {s.pid}, round {s.round_id}) {s.collective} {s.note}\n{s.stack}"
+                         for s in ranks)
 
     def join(self, timeout_s: float = 180.0) -> Any:
         self._thread.join(timeout_s)
