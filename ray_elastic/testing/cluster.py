@@ -43,8 +43,6 @@ class LocalCluster:
         object_store_mb: object store per node.
         health_check_period_ms, health_check_failure_threshold: Ray's node health
             check on the head; a node is declared dead after about period × threshold.
-        include_dashboard: start Ray's dashboard on the head (to watch a run in it); off by
-            default, as nothing here needs it and it adds ~2 s to every start.
     """
 
     def __init__(
@@ -55,7 +53,6 @@ class LocalCluster:
         object_store_mb: int = 80,
         health_check_period_ms: int = 1000,
         health_check_failure_threshold: int = 5,
-        include_dashboard: bool = False,
     ):
         self.cpus_per_node = cpus_per_node
         self.gpus_per_node = gpus_per_node
@@ -65,7 +62,6 @@ class LocalCluster:
             head_node_args={
                 "num_cpus": 0,
                 "object_store_memory": object_store_mb * 1024 * 1024,
-                "include_dashboard": include_dashboard,
                 "_system_config": {
                     "health_check_period_ms": health_check_period_ms,
                     "health_check_failure_threshold": health_check_failure_threshold,
