@@ -110,16 +110,24 @@ def _check_resumed(snap: Path, steps: int, world_size: int) -> list[int]:
     return [s["pid"] for s in starts]
 
 
-def paced_until_restart(tmp_path: Path) -> Path:
-    """The example, its per-step sleep skipped once restarted: the faults come in the first attempt."""
-    wrapper = tmp_path / "paced_until_restart.py"
+def example_wrapper(tmp_path: Path, pace_while: str, on_sigterm_exit_0: bool = False) -> Path:
+    """The example, run unchanged by a wrapper whose `time.sleep` (the per-step pacing) sleeps only while the
+    Python expression `pace_while` is true; optionally exiting 0 on SIGTERM (a common pattern for preemption)."""
+    wrapper = tmp_path / "example_wrapper.py"
+    graceful = "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))" if on_sigterm_exit_0 else ""
     wrapper.write_text(f"""
-import os, runpy, time
+import os, runpy, signal, sys, time
+{graceful}
 _sleep = time.sleep
-time.sleep = lambda s: None if os.environ["TORCHELASTIC_RESTART_COUNT"] != "0" else _sleep(s)
+time.sleep = lambda s: _sleep(s) if ({pace_while}) else None
 runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
 """)
     return wrapper
+
+
+def paced_until_restart(tmp_path: Path) -> Path:
+    """The example, its per-step sleep skipped once restarted: the faults come in the first attempt."""
+    return example_wrapper(tmp_path, 'os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"')
 
 
 # In-process `main([...])` is covered by the other tests here; this one goes through `python -m`.
@@ -275,25 +283,12 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         assert "Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
 
 
-# The example, saving and exiting 0 on SIGTERM (a common pattern for preemption).
-def graceful_example(fast: Path) -> str:
-    """The example, exiting 0 on SIGTERM; its per-step sleep ends once `fast` exists."""
-    return f"""
-import os, runpy, signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-_sleep = time.sleep
-time.sleep = lambda s: None if os.path.exists({str(fast)!r}) else _sleep(s)
-runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
-"""
-
-
 def test_scripts_restart_with_the_new_world_when_a_node_joins(cluster, no_leaks, tmp_path):
     """Even scripts that exit 0 on the SIGTERM of the scale-up: the run goes on (issue 18, item 2)."""
     cluster.resize(1)
     snap = tmp_path / "snap"
-    graceful = tmp_path / "graceful.py"
-    fast = tmp_path / "fast"
-    graceful.write_text(graceful_example(fast))
+    fast = tmp_path / "fast"  # its per-step sleep ends once this exists
+    graceful = example_wrapper(tmp_path, f"not os.path.exists({str(fast)!r})", on_sigterm_exit_0=True)
     argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(graceful),
             "--snapshot-dir", str(snap), "--steps", "70", "--sleep", "0.3"]  # long enough for a node to start
     box: dict = {}
