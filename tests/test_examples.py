@@ -6,11 +6,12 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from ray_elastic.testing.procs import kill_and_name, still_running
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -28,26 +29,19 @@ def run_example(name: str, timeout_s: float) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     finally:
-        leftovers = _session_processes(proc.pid, wait_s=15)
-        for leftover in leftovers:
-            with contextlib.suppress(psutil.Error):
-                leftover.kill()
+        leftovers = kill_and_name(still_running(lambda: _in_session(proc.pid), wait_s=15))
     assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{out[-6000:]}"
-    assert not leftovers, f"{name} left processes behind: {[p.pid for p in leftovers]}"
+    assert not leftovers, f"{name} left processes behind: {leftovers}"
     return out
 
 
-def _session_processes(session: int, wait_s: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getsid(proc.pid) == session and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+def _in_session(session: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) == session and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
 
 
 # examples/quickstart.py runs in tests/cluster/test_job_submit.py, as the README's set-up, in a fresh HOME.

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from ray_elastic.testing.procs import marked_processes
+from ray_elastic.testing.procs import kill_and_name, marked_processes, still_running
 
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml (Python 3.11+)")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,19 +54,6 @@ def _marked(marker: str) -> list[psutil.Process]:
     return marked_processes("RAY_ELASTIC_NOTEBOOK_TEST", marker)
 
 
-def _left_behind(marker: str, wait_s: float) -> list[str]:
-    """Wait for the marked processes to go; kill and name those that stay."""
-    deadline = time.monotonic() + wait_s
-    while (left := _marked(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    named = []
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            named.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
-            proc.kill()
-    return named
-
-
 def test_quickstart_notebook_shrinks_and_grows_back(tmp_path, no_shared_cluster):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
@@ -79,7 +64,7 @@ def test_quickstart_notebook_shrinks_and_grows_back(tmp_path, no_shared_cluster)
         client.execute(env={**os.environ, "RAY_ELASTIC_NOTEBOOK_TEST": marker})  # raises on any cell's error
     finally:
         nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept by pytest, for a look after a failure
-        left = _left_behind(marker, wait_s=20)
+        left = kill_and_name(still_running(lambda: _marked(marker), wait_s=20))
     assert not left, f"the notebook left processes behind: {left}"
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
     errors = [o for c in code_cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

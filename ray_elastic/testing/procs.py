@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
 
 import psutil
 
@@ -37,3 +39,21 @@ def with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
                 if child.pid != me:
                     found.setdefault(child.pid, child)
     return list(found.values())
+
+
+def still_running(find: Callable[[], list[psutil.Process]], wait_s: float, poll_s: float = 0.5) -> list[psutil.Process]:
+    """Poll `find()` until it comes back empty or `wait_s` passed; what it found last: the processes left."""
+    deadline = time.monotonic() + wait_s
+    while (found := find()) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return found
+
+
+def kill_and_name(procs: list[psutil.Process]) -> list[str]:
+    """Kill these processes; "pid command line" of each still running, for a failure message."""
+    named = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            named.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+    return named

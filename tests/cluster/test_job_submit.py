@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ray_elastic.testing.procs import marked_processes
+from ray_elastic.testing.procs import kill_and_name, marked_processes, still_running
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
@@ -93,10 +93,6 @@ class ReadmeMachine:
     def processes(self) -> list[psutil.Process]:
         return marked_processes("HOME", self.env["HOME"])
 
-    def wait_gone(self, wait_s: float) -> list[str]:
-        """Wait for every process carrying this HOME to exit; name those still running."""
-        _, alive = psutil.wait_procs(self.processes(), timeout=wait_s)
-        return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in alive if p.is_running()]
 
     def stop(self) -> list[str]:
         """Terminate, then kill, every process carrying this HOME; return what survived."""
@@ -125,7 +121,7 @@ def readme_head(clusters) -> Iterator[ReadmeMachine]:
                               env=dict(machine.env, RAY_ADDRESS="local"))
         assert quick.returncode == 0, quick.stdout[-4000:]
         machine.quickstart_output = quick.stdout
-        left = machine.wait_gone(wait_s=15)
+        left = kill_and_name(still_running(machine.processes, wait_s=15))
         assert not left, f"the quickstart left processes behind: {left}"
         assert (machine.home / ".ray" / "auth_token").is_file(), "the quickstart's ray.init() writes the token"
         setup = [c for c in machine.commands if not c.startswith("ray job submit")]
