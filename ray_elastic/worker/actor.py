@@ -181,12 +181,15 @@ class ElasticWorker:
 
         Returns:
             where the training thread was just before (py-spy for a script only if `diagnose`),
-            or None if `round_id` is not this worker's round.
+            or None if `round_id` is not this worker's round (one it has not begun yet is left at once when it
+            begins: its abort may run first, the two calls being on different threads).
         """
         with self._lock:
-            if self._round_id != round_id:
+            if round_id < self._round_id:
                 return None
             self._aborted.add(round_id)
+            if round_id > self._round_id:  # its run_round has not begun: it will leave at once when it does
+                return None
             group = self._group
             session = self._session
         report = self._stack_report(round_id, diagnose)
