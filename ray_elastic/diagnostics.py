@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from typing import Any
 
 # Small: a few entries tell which collective a rank waits in; workers set it unless the user did.
 FLIGHT_RECORDER_ENTRIES = "64"
+# A Python frame in `py-spy dump`'s output, "func (path/file.py:12)"; C frames name a library, with no line.
+_PY_SPY_PYTHON_FRAME = re.compile(r"\(\S+:\d+\)$")
 
 
 def thread_stack(thread_id: int | None) -> str:
@@ -101,19 +104,45 @@ def compare_collectives(issued: dict[str, tuple[int, str]]) -> dict[str, str]:
     return out
 
 
-def py_spy_dump(pid: int, timeout_s: float = 10.0) -> tuple[str, str]:
-    """(stack, note) of another process, read with `py-spy dump`; stack "" and a note when it cannot."""
+def py_spy_dump(pid: int, timeout_s: float = 10.0, native: bool = False, who: str = "the script") -> tuple[str, str]:
+    """(stack, note) of another process, read with `py-spy dump` (with C frames if `native`); stack "" and a
+    note when it cannot. `who` names the process in the note."""
     exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if exe is None:
-        return "", "py-spy not found (it ships with ray[default]); no stack for the script"
+        return "", f"py-spy not found (it ships with ray[default]); no stack for {who}"
+    command = [exe, "dump", "--pid", str(pid)] + (["--native"] if native else [])
     try:
-        done = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return "", f"py-spy dump --pid {pid} failed: {exc}"
     if done.returncode != 0:
         return "", f"py-spy dump --pid {pid} failed: {(done.stderr or done.stdout).strip()[:300]}"
-    return done.stdout, f"read by py-spy from the script (pid {pid})"
+    return done.stdout, f"read by py-spy from {who} (pid {pid})"
+
+
+def gil_holder(dump: str) -> str:
+    """The thread of a `py-spy dump` that holds the GIL, innermost frame last as in a traceback, from its
+    outermost Python frame on (the C frames above it, where it holds the GIL, are kept; those below, the
+    thread's start, are not); the whole dump if no thread holds it."""
+    for block in re.split(r"\n(?=Thread )", dump):
+        head, *frames = block.strip().splitlines()
+        if head.startswith("Thread ") and "+gil" in head:
+            outermost_first = list(reversed(frames))
+            python = [i for i, frame in enumerate(outermost_first) if _PY_SPY_PYTHON_FRAME.search(frame)]
+            kept = outermost_first[python[0]:] if python else outermost_first
+            return "\n".join([head, *(_shorten(frame) for frame in kept)]) + "\n"
+    return dump
+
+
+def holds_the_gil(stack: str) -> bool:
+    """Whether a stack from `gil_holder` is a thread that held the GIL when it was read."""
+    head = stack.split("\n", 1)[0]
+    return head.startswith("Thread ") and "+gil)" in head
+
+
+def _shorten(frame: str, width: int = 160) -> str:
+    """One frame on one readable line: C++ template arguments make some thousands of characters long."""
+    return frame if len(frame) <= width else frame[: width - 5] + " ...)"
 
 
 def first_user_frame(stack: str) -> str:
@@ -132,9 +161,9 @@ def first_user_frame(stack: str) -> str:
                 return line
         if line.startswith("Thread ") or line.startswith("Process "):
             continue
-        if " (" in line and line.endswith(")") and not line.startswith("File"):  # py-spy: "func (file.py:12)"
+        if _PY_SPY_PYTHON_FRAME.search(line) and not line.startswith("File"):  # py-spy: "func (file.py:12)"
             func, _, where = line.rpartition(" (")
-            if not any(s in where for s in skip):
+            if not any(s in "/" + where for s in skip):  # py-spy shortens paths: "ray/_private/worker.py"
                 return f"{where[:-1]} in {func}"
     return ""
 

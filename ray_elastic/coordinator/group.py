@@ -54,6 +54,11 @@ class WorkerGroup(abc.ABC):
         """Where these workers' training threads are now, for those that answer within `timeout_s`. Default: none."""
         return {}
 
+    def outside_stacks(self, worker_ids: list[str]) -> dict[str, StackReport]:
+        """Stacks of workers whose Python does not answer, read from outside their processes (the thread holding
+        the GIL), for those that could be read. Default: none."""
+        return {}
+
     @abc.abstractmethod
     def request_stop(self, round_id: int) -> None:
         """Ask the round's members to leave at their next commit (membership change)."""

@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.drain import DrainNotice, read_draining_nodes
 from ray_elastic.coordinator.group import WorkerGroup
+from ray_elastic.coordinator.outside_stacks import read_from_outside
 from ray_elastic.coordinator.types import (
     Heartbeat,
     NodeGroup,
@@ -414,6 +415,14 @@ class RayWorkerGroup(WorkerGroup):
         slots = [(w, s) for w in worker_ids if (s := self._slot(w)) is not None and s.status != DEAD]
         return {report.worker_id: report for report in _read_stacks(slots, timeout_s)}
 
+    def outside_stacks(self, worker_ids: list[str]) -> dict[str, StackReport]:
+        return read_from_outside(self._node_and_pid(worker_ids), self.round_id)
+
+    def _node_and_pid(self, worker_ids: list[str]) -> dict[str, tuple[str, int]]:
+        """Where each of these workers' processes runs: worker id -> (node id, pid)."""
+        node_of = {s.worker_id: n.node_id for n in list(self.nodes.values()) for s in list(n.slots) if s is not None}
+        return {w: (node_of.get(w, ""), slot.pid or -1) for w in worker_ids if (slot := self._slot(w)) is not None}
+
     def stack_reports(self) -> list[StackReport]:
         reports, self._early_stacks = self._early_stacks, []
         if not self._abort_refs:
@@ -452,16 +461,18 @@ class RayWorkerGroup(WorkerGroup):
         return answers
 
     def collect_stacks(self, timeout_s: float) -> list[tuple[StackReport, str]]:
-        """(stack, node id) of every live worker; safe beside the controller's thread (reads copies)."""
-        node_of = {s.worker_id: n.node_id for n in list(self.nodes.values()) for s in list(n.slots) if s is not None}
+        """(stack, node id) of every live worker; safe beside the controller's thread (reads copies). A worker
+        whose Python does not answer while its native pulse does is read from outside (`outside_stacks`)."""
         slots = [s for s in list(self._slots.values()) if s.status in (READY, BUSY)]
+        where = self._node_and_pid([s.worker_id for s in slots])
         refs = {slot.actor.stacks.remote(): slot for slot in slots}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-        reports = []
+        reports: dict[str, StackReport] = {}
+        holding_gil = []
         for ref, slot in refs.items():
             if ref in done:
                 try:
-                    reports.append(ray.get(ref))
+                    reports[slot.worker_id] = ray.get(ref)
                     continue
                 except RayError as exc:
                     note = f"its process is gone ({str(exc).splitlines()[0][:200]})"
@@ -469,8 +480,12 @@ class RayWorkerGroup(WorkerGroup):
                 state = ping(*slot.pulse, 1.0) if slot.pulse else NONE
                 note = f"no answer within {timeout_s:g}s; native pulse: {state}" + (
                     " (busy in a call that holds the GIL)" if state == "alive" else " (frozen, or cut off)")
-            reports.append(StackReport(slot.worker_id, -1, slot.pid or -1, "", note=note))
-        return [(r, node_of.get(r.worker_id, "")) for r in reports]
+                if state == "alive":
+                    holding_gil.append(slot.worker_id)
+            reports[slot.worker_id] = StackReport(slot.worker_id, -1, slot.pid or -1, "", note=note)
+        for worker_id, read in read_from_outside({w: where[w] for w in holding_gil}, self.round_id).items():
+            reports[worker_id] = dataclasses.replace(read, note=f"{reports[worker_id].note}; {read.note}")
+        return [(r, where[w][0]) for w, r in reports.items()]
 
     def kill(self, worker_ids: list[str], reason: str) -> None:
         killed = set()

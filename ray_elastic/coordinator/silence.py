@@ -13,7 +13,7 @@ from typing import Any
 from ray_elastic.coordinator import policy
 from ray_elastic.coordinator.liveness import CHECK, GONE, LOST
 from ray_elastic.coordinator.types import Heartbeat, OutcomeKind, RoundPlan, StackReport, WorkerOutcome
-from ray_elastic.diagnostics import compare_collectives, first_user_frame
+from ray_elastic.diagnostics import compare_collectives, first_user_frame, holds_the_gil
 
 _KILLED = (OutcomeKind.SILENT, OutcomeKind.DIED, OutcomeKind.HUNG)
 SHARD_HANDOVER_TIMEOUT_S = 10.0  # how long a rank about to be killed has to give its shards to a peer
@@ -116,6 +116,11 @@ class SilenceMixin:
         # Where they are now, not only where the abort found them: what keeps a rank in an aborted round is a bug
         # to report, and the abort's stack is often a collective it left long ago.
         later = self.group.current_stacks(sorted(overdue), LATER_STACK_WAIT_S) if overdue and not state.diagnose else {}
+        # A rank whose Python answers nothing is read from outside; one seen holding the GIL cannot give its shards
+        # away either (the ask would wait SHARD_HANDOVER_TIMEOUT_S for nothing), so none is asked of it.
+        unanswered = sorted(w for w in overdue if w not in later) if not state.diagnose else []
+        later |= self.group.outside_stacks(unanswered) if unanswered else {}
+        holding_gil = {w for w in unanswered if w in later and holds_the_gil(later[w].stack)}
         for worker_id in overdue:
             busy = state.liveness.busy.get(worker_id)
             why = (f"was still busy ({busy}) past the hang bound after the round was aborted"
@@ -130,7 +135,7 @@ class SilenceMixin:
                     state.stacks.get(worker_id), ranks[worker_id][0], state.plan.round_id)
                 + _later_stack_text(later.get(worker_id), now - state.since),
             )
-        for worker_id in sorted(overdue):
+        for worker_id in sorted(set(overdue) - holding_gil):
             self._hand_over_shards(state, worker_id, ranks)
         self.group.kill(sorted(lost | set(overdue)), reason="unresponsive after abort")
         return True
@@ -217,9 +222,12 @@ def _abort_stack_text(report: StackReport | None, rank: int, round_id: int) -> s
 
 
 def _later_stack_text(report: StackReport | None, after_s: float) -> str:
-    if report is None or not report.stack:
+    if report is None:
         return ""
-    return f"\nStill in the round {after_s:.1f}s after the abort, at:\n{report.stack.rstrip()}"
+    if not report.stack:
+        return f"\nStill in the round {after_s:.1f}s after the abort; no stack: {report.note}" if report.note else ""
+    how = f" ({report.note})" if report.note else ""
+    return f"\nStill in the round {after_s:.1f}s after the abort{how}, at:\n{report.stack.rstrip()}"
 
 
 def _stack_text(report: StackReport | None, rank: int, round_id: int, summary: list[str]) -> str:

@@ -145,7 +145,8 @@ class Pulse:
 
 @dataclass(frozen=True)
 class StackReport:
-    """Where a worker's training thread was, read in-process (or by py-spy for a script subprocess)."""
+    """Where a worker's training thread was, read in-process (by py-spy for a script subprocess, or from outside
+    for a worker whose Python did not answer: see `outside_stacks`)."""
 
     worker_id: str
     round_id: int

@@ -114,6 +114,7 @@ class FakeWorkerGroup(WorkerGroup):
         self.handovers: list[tuple[str, str]] = []
         self.shards_held: dict[str, list[int]] = {}  # set by a test: the old shards a worker holds
         self.shard_handovers: list[tuple[str, str, list[int]]] = []
+        self.shard_handover_asks: list[str] = []  # every worker asked to give its shards away
 
     # -- the test's controls ---------------------------------------------------------------------
     def add_node(self, node_id: str | None = None, start_s: float = 0.0, pulse: bool = True) -> str:
@@ -289,8 +290,9 @@ class FakeWorkerGroup(WorkerGroup):
         return True
 
     def hand_over_shards(self, source: str, keepers: list[str], timeout_s: float) -> tuple[str, list[int]] | None:
+        self.shard_handover_asks.append(source)
         shards = self.shards_held.get(source)
-        if not shards:
+        if not shards or self.workers[source].gil:  # a GIL holder cannot export: the ask times out
             return None
         for keeper in keepers:
             worker = self.workers.get(keeper)
@@ -352,6 +354,12 @@ class FakeWorkerGroup(WorkerGroup):
     def stack_reports(self) -> list[StackReport]:
         reports, self._stack_reports = self._stack_reports, []
         return reports
+
+    def outside_stacks(self, worker_ids: list[str]) -> dict[str, StackReport]:
+        """py-spy's view of a GIL holder: its stack under a thread marked as holding the GIL."""
+        return {w: StackReport(w, self.round_id, 1000 + i, f'Thread {1000 + i} (active+gil): "Dummy-1"\n'
+                               + self.workers[w].stack, note="read from outside")
+                for i, w in enumerate(worker_ids) if self.workers[w].gil}
 
     def current_stacks(self, worker_ids: list[str], timeout_s: float) -> dict[str, StackReport]:
         return {w: StackReport(w, self.round_id, 1000 + i, self.workers[w].stack) for i, w in enumerate(worker_ids)

@@ -19,6 +19,8 @@ import ray
 import ray_elastic
 from ray_elastic.api import coordinator_name
 from ray_elastic.cli import main as cli_main
+from ray_elastic.coordinator.outside_stacks import OUTSIDE_READ_S
+from ray_elastic.coordinator.silence import LATER_STACK_WAIT_S
 from ray_elastic.testing import FaultInjector, request_fault
 from tests.cluster.background import BackgroundRun
 from tests.faults.matrix import DeathWatch, check_run, detection_s, ensure_nodes, event_fields
@@ -236,7 +238,33 @@ def test_row15_busy_rank_is_not_lost_and_every_stack_can_be_read(cluster, no_lea
     assert "ddp_train" in in_loop[0].stack and "waiting in gloo:" in in_loop[0].collective, in_loop[0]
     assert "behind" in in_loop[1].collective, in_loop[1]
     assert "python_busy_loop" in printed and "--- rank 0" in printed and "--- rank 1" in printed
-    assert in_gil_call[1].stack == "" and "native pulse: alive" in in_gil_call[1].note, in_gil_call[1]
+    # Its Python cannot answer; py-spy reads it from outside, on its node: the thread holding the GIL.
+    assert "native pulse: alive" in in_gil_call[1].note and "py-spy" in in_gil_call[1].note, in_gil_call[1]
+    assert "hold_the_gil" in in_gil_call[1].stack and "+gil" in in_gil_call[1].stack, in_gil_call[1]
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
+def test_rank_holding_the_gil_through_an_abort_is_read_from_outside_then_killed(cluster, no_leaks, trace, tmp_path):
+    """Rank 1 is in one C call that holds the GIL when rank 0 fails: it cannot answer the abort, nor a stack read
+    in its own Python. Killed after abort_timeout_s, its failure carries the thread holding the GIL, read by py-spy
+    on its node; the run goes on from the last commit."""
+    ensure_nodes(cluster, 2)
+    faults = FaultInjector(log_path=trace.faults_log).fail_at(rank=0, step=5)
+    hooks = [{"kind": "gil_call", "rank": 1, "step": 5, "seconds": 60}]
+    result = ray_elastic.run(ddp_train, config={"steps": 8, "sleep_s": 0.05, "faults": faults, "hooks": hooks,
+                                                "trace_dir": str(trace.dir)},
+                             min_nodes=2, max_nodes=2, max_restarts=1, abort_timeout_s=2.0,
+                             name=f"gil-abort-{time.time_ns()}", progress="none")
+    [restart] = [e for e in result.events if e.kind == "restart"]
+    hung = restart.data["hung_stacks"]["1"]
+    [lost] = [e for e in result.events if e.kind == "worker_lost"]
+    # Killed at abort_timeout_s once read (LATER_STACK_WAIT_S in its Python, then OUTSIDE_READ_S from outside);
+    # not asked for shards it cannot export (that ask waited SHARD_HANDOVER_TIMEOUT_S: 13.6 s to the restart).
+    assert restart.time - lost.time < 2.0 + LATER_STACK_WAIT_S + OUTSIDE_READ_S + 1.5, restart.time - lost.time
+    assert "did not answer or leave the round" in restart.message, restart.message
+    assert "read from outside by py-spy on its node" in hung and "the thread holding the GIL" in hung, hung
+    assert "hold_the_gil" in hung.split("Still in the round ")[1], hung
+    check_run(result, 8, restarts=1, trace=trace)
     no_leaks(result.worker_pids, ports=trace.ports())
 
 

@@ -394,6 +394,28 @@ def test_a_rank_killed_for_staying_in_an_aborted_round_first_gives_its_shards_to
     assert "rank 2 stayed in aborted round 0" in handed.message
 
 
+def test_a_rank_holding_the_gil_through_an_abort_is_read_from_outside_and_not_asked_for_its_shards():
+    controller, group = make(nodes=2, probe_timeout_s=2.0, abort_timeout_s=5.0)
+    group.settle_on_abort = False
+    run_round(controller, group, 0)
+    r0, r1 = group.members
+    group.shards_held[r1] = [1]
+    group.workers[r1].stack = "    hold (train.py:9)\n    sum_impl (libpython3.11.so)"
+    group.hold_gil(r1)  # answers neither the abort nor a stack read: only its native pulse
+    group.fail(r0, "boom")
+    controller.step()
+    aborted_at = group.clock()
+    step_until(controller, lambda: group.kills != [])
+    assert group.kills == [([r1], "unresponsive after abort")]
+    assert 5.0 < group.clock() - aborted_at < 6.0
+    assert group.shard_handover_asks == [], "a GIL holder cannot export its shards: asking would only wait"
+    run_round(controller, group, 1)
+    hung = controller.failures[1]
+    assert hung.traceback.startswith("No stack of rank 1: it answered nothing when round 0 was aborted."), hung
+    later = hung.traceback.split("\nStill in the round ")[1]
+    assert "(read from outside), at:\nThread 1000 (active+gil)" in later and "hold (train.py:9)" in later, later
+
+
 def test_stalled_worker_that_leaves_when_aborted_is_still_blamed_for_the_hang():
     controller, group = make(nodes=2, hang_timeout_s=10.0, max_restarts=0)
     run_round(controller, group, 0)

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from ray_elastic.checkpoint import Checkpointer
-from ray_elastic.diagnostics import collective_state, compare_collectives, first_user_frame, thread_stack
+from ray_elastic.diagnostics import (
+    collective_state,
+    compare_collectives,
+    first_user_frame,
+    gil_holder,
+    py_spy_dump,
+    thread_stack,
+)
 from ray_elastic.pulse import ALIVE, GONE, SILENT, PulseServer, ping
 from ray_elastic.worker.fence import FencedCheckpointer, Lease, RoundFenced
 
@@ -191,3 +198,47 @@ def test_compare_collectives_names_who_waits_for_whom():
     assert standing["rank 3"] == ""
     same = compare_collectives({"rank 0": (5, ""), "rank 1": (5, "")})
     assert same["rank 0"] == "at collective #5, like every rank that answered"
+
+
+_GIL_HOLDER = """
+import threading, time
+threading.Thread(target=lambda: time.sleep(60), name="sleeper", daemon=True).start()
+def holding_the_gil():
+    sum(range(10**11))  # one C call that never lets the GIL go
+print("ready", flush=True)
+holding_the_gil()
+"""
+
+
+def test_py_spy_reads_the_thread_holding_the_gil_from_outside():
+    proc = subprocess.Popen([sys.executable, "-c", _GIL_HOLDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        dump, note = py_spy_dump(proc.pid, native=True, who="the holder")
+        held = gil_holder(dump)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert note == f"read by py-spy from the holder (pid {proc.pid})" and "sleeper" in dump, (note, dump)
+    assert held.startswith(f"Thread {proc.pid} (active+gil)") and "sleeper" not in held, held
+    assert first_user_frame(held) == "<string>:5 in holding_the_gil", held  # innermost last, as in a traceback
+    assert gil_holder("Thread 7 (idle): \"x\"\n    f (a.py:1)\n") == "Thread 7 (idle): \"x\"\n    f (a.py:1)\n"
+
+
+def test_gil_holder_keeps_the_c_frames_where_the_gil_is_held_not_the_threads_start():
+    dump = "\n".join([
+        'Process 9: ray::ElasticWorker', '',
+        'Thread 11 (idle): "MainThread"', '    main_loop (ray/_private/worker.py:900)',
+        'Thread 12 (active+gil): "Dummy-1"',
+        '    ProcessGroupGloo::~ProcessGroupGloo (libtorch_cpu.so)',  # innermost: holds the GIL here
+        '    release_round_objects (ray_elastic/worker/process_group.py:60)',
+        '    run_round (ray_elastic/worker/actor.py:300)',
+        '    std::_Function_handler<' + "x" * 3000 + '>::_M_invoke (ray/_raylet.so)',  # the thread's start
+        '    0x7f558c6a71f5 (libc.so.6)', ''])
+    held = gil_holder(dump).splitlines()
+    assert held == ['Thread 12 (active+gil): "Dummy-1"',
+                    '    run_round (ray_elastic/worker/actor.py:300)',
+                    '    release_round_objects (ray_elastic/worker/process_group.py:60)',
+                    '    ProcessGroupGloo::~ProcessGroupGloo (libtorch_cpu.so)']
+    assert first_user_frame("\n".join(held)) == ""  # nothing of the user's: every frame is torch's or ours
