@@ -236,6 +236,10 @@ import json, os, signal, sys, time
 import torch, torch.distributed as dist
 
 out, steps = sys.argv[1], int(sys.argv[2])
+limit = os.path.join(out, "stop_at")  # lowers `steps`: the test writes it well ahead of every rank
+
+def step_limit():
+    return min(steps, int(open(limit).read())) if os.path.exists(limit) else steps
 
 def log(name, **record):
     with open(os.path.join(out, name), "a") as fp:
@@ -253,7 +257,7 @@ saved = os.path.join(out, "step")
 step = int(open(saved).read()) if os.path.exists(saved) else 0
 log("starts.jsonl", rank=rank, world=world, pid=os.getpid(), step=step,
     restart_count=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
-while step < steps:
+while step < step_limit():
     total = torch.ones(1)
     dist.all_reduce(total)
     step += 1
@@ -282,6 +286,11 @@ def _wait_for_free_cpus(cpus: float, timeout_s: float = 60.0) -> None:
     while ray.available_resources().get("CPU", 0) < cpus:
         assert time.monotonic() < deadline, f"{cpus} CPUs not free within {timeout_s}s: {ray.available_resources()}"
         time.sleep(0.2)
+
+
+def _back_at_world_size_2(out) -> bool:
+    starts, logged = _jsonl(out / "starts.jsonl"), _jsonl(out / "steps.jsonl")
+    return bool(starts and logged) and starts[-1]["world"] == 2 and logged[-1]["world"] == 2
 
 
 @contextlib.contextmanager
@@ -335,7 +344,7 @@ def test_row17_cli_pod_deleted_its_scripts_get_sigterm_and_restart_in_the_smalle
     script, out = tmp_path / "train.py", tmp_path / "out"
     script.write_text(DRAIN_SCRIPT)
     out.mkdir()
-    steps, drain_timeout_s = 60, 20
+    steps, drain_timeout_s = 100_000, 20  # lowered through stop_at once the run is back at world size 2
     with _ray_start_node(cluster.address, drain_timeout_s) as (pod, node_id):
         _wait_for_free_cpus(4)  # both nodes schedulable, so the run starts at world size 4
         argv = ["run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=0", str(script), str(out), str(steps)]
@@ -350,6 +359,13 @@ def test_row17_cli_pod_deleted_its_scripts_get_sigterm_and_restart_in_the_smalle
         pod.send_signal(signal.SIGTERM)  # Kubernetes deletes the pod
         pod.wait(timeout=drain_timeout_s + 30)
         exited_after = time.monotonic() - deleted_at
+        # The run may have started on the first node alone and grown later (a new node's workers can be ready
+        # seconds after the first's): it runs until the test has what it needs, not for a fixed step count.
+        while not _back_at_world_size_2(out):
+            assert thread.is_alive() and time.monotonic() < deadline, "the scripts did not go on at world size 2"
+            time.sleep(0.1)
+        steps = _jsonl(out / "steps.jsonl")[-1]["step"] + 10
+        (out / "stop_at").write_text(str(steps))
         thread.join(300)
     assert box.get("rc") == 0, "a drain spends no restart (--max-restarts=0)"
     starts = _jsonl(out / "starts.jsonl")  # in the order the scripts started
