@@ -115,6 +115,7 @@ class ElasticWorker:
         self._aborted: set[int] = set()
         self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
         self._train_thread: int | None = None
+        self._joining = False  # the training thread is in run_round, connecting to its round (no session yet)
         self._leaving = False  # the training thread is past its round's train_fn, letting the round go
         self._busy: tuple[str, float] | None = None  # a long activity of the training thread, and its start
         self._lease = Lease(config.probe_timeout_s,
@@ -135,15 +136,20 @@ class ElasticWorker:
         """Liveness and progress; carries the reports the coordinator has not acknowledged."""
         self._lease.renew(round_id)
         session = self._session
-        if session is None or self._round_id != round_id:
+        if self._round_id != round_id:
             return Heartbeat(self.worker_id, round_id, -1, None)
+        busy = self._busy_text()  # forming the round's group counts too: it has no session yet
+        if session is None:
+            return Heartbeat(self.worker_id, round_id, -1, None, busy=busy)
         first_seq, reports = session.unacknowledged_reports(acked_seq)
-        busy = self._busy
         return Heartbeat(
             self.worker_id, round_id, session.progress_count, session.last_committed_step, reports, first_seq,
-            snapshot=self.snapshots.describe(),
-            busy=f"{busy[0]} for {time.monotonic() - busy[1]:.1f}s" if busy else "",
+            snapshot=self.snapshots.describe(), busy=busy,
         )
+
+    def _busy_text(self) -> str:
+        busy = self._busy
+        return f"{busy[0]} for {time.monotonic() - busy[1]:.1f}s" if busy else ""
 
     def stacks(self, diagnose_script: bool = True) -> StackReport:
         """Where the training thread (or the script this round runs) is now."""
@@ -152,17 +158,17 @@ class ElasticWorker:
     def _stack_report(self, round_id: int, diagnose_script: bool) -> StackReport:
         session = self._session
         pids = list(session.subprocess_pids) if session is not None else []
-        busy = self._busy
-        note = f"busy {busy[0]} for {time.monotonic() - busy[1]:.1f}s" if busy else ""
+        note = f"busy {busy}" if (busy := self._busy_text()) else ""
         if pids:
             if not diagnose_script:
                 return StackReport(self.worker_id, round_id, os.getpid(), "", note=f"script pid {pids[-1]}")
             stack, how = py_spy_dump(pids[-1])
             return StackReport(self.worker_id, round_id, os.getpid(), stack, note=how)
         if session is None:
-            if self._leaving:
+            if self._leaving or (self._joining and round_id == self._round_id):
+                where = "leaving its round" if self._leaving else "joining its round"
                 return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread),
-                                   note="leaving its round")
+                                   note=note or where)
             return StackReport(self.worker_id, round_id, os.getpid(), "", note="not in a round")
         seq, op = collective_state()
         return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread), op, note, seq)
@@ -253,6 +259,7 @@ class ElasticWorker:
                 return WorkerOutcome(self.worker_id, spec.round_id, OutcomeKind.ABORTED, message="stale round")
             self._round_id = spec.round_id
             self._stop.clear()
+            self._joining = True
         self._train_thread = threading.get_ident()
         self._lease.begin(spec.round_id)
         os.environ.update(torchrun_env(spec, self.config.run_id))
@@ -293,6 +300,7 @@ class ElasticWorker:
             with self._lock:
                 self._group = group
                 self._session = session
+                self._joining = False
                 aborted_early = spec.round_id in self._aborted
             if aborted_early:
                 return self._outcome(spec, OutcomeKind.ABORTED, session=session, message="aborted while forming")
@@ -324,6 +332,7 @@ class ElasticWorker:
             with self._lock:
                 group, self._group = self._group, None
                 self._session = None
+                self._joining = False
                 self._leaving = True  # a stack read now shows where the thread is (destroying the group, say)
             if group is not None:
                 group.destroy()

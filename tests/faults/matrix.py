@@ -208,8 +208,13 @@ def detection_s(events: Iterable[Any], fault_time: float, kind: str = "worker_lo
 
 
 def timeline(events: Iterable[Any], since: float) -> str:
-    """The events from `since` on, one line each as `+seconds kind: message` (for failure messages)."""
-    lines = [f"+{t - since:.3f}s {k}: {m}" for k, t, _, m in map(event_fields, events) if t >= since]
+    """The events from `since` on, one line each as `+seconds kind: message`, then the stacks of ranks killed
+    for staying in an aborted round (for failure messages)."""
+    lines = []
+    for kind, t, data, message in map(event_fields, events):
+        if t >= since:
+            lines.append(f"+{t - since:.3f}s {kind}: {message}")
+            lines += [f"  rank {rank}: {stack}" for rank, stack in (data.get("hung_stacks") or {}).items()]
     return "\n".join(lines)
 
 

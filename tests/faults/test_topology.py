@@ -11,6 +11,7 @@ import ray
 
 import ray_elastic
 from ray_elastic.api import coordinator_name
+from ray_elastic.worker.process_group import GLOO_CONNECT_WAIT_FACTOR, form_timeout_s
 from tests.cluster.background import BackgroundRun
 from tests.faults.matrix import check_run, detection_s, ensure_nodes, timeline
 from tests.workloads import ddp_train
@@ -19,6 +20,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 # Ray's node health check on the cluster (LocalCluster defaults): a node is declared dead after about this long.
 HEALTH_CHECK_BOUND_S = 1.0 * 5
+# How long a rank waits in gloo's connect for a peer lost mid-connect, at world size 3 (see form_timeout_s).
+FORMING_BOUND_S = GLOO_CONNECT_WAIT_FACTOR * form_timeout_s(3)
 # A new node's raylet and worker start, import torch and join: 7 s measured; a bound for a loaded 2-core machine.
 NODE_START_BOUND_S = 45.0
 
@@ -48,8 +51,10 @@ def test_row4_losing_a_node_continues_on_fewer_nodes(cluster, no_leaks, trace, f
     # 0.08-2.3 s measured (survivors see the loss in a collective); 10.9 s once on a loaded CI machine, with
     # detection inside its bound. The row's promise is detection; this bound catches a re-form that waits for
     # a timeout, and the message shows what the run did meanwhile.
+    # A node lost as a round forms (the scale-up to 3, when its worker was ready late) leaves the survivors in gloo's
+    # connect until it gives up (FORMING_BOUND_S); they say they are busy, keep the commit, and are not killed.
     recovery = trace.recovery_s(crashed_at)
-    assert recovery is not None and recovery < 3 * HEALTH_CHECK_BOUND_S, (
+    assert recovery is not None and recovery < 3 * HEALTH_CHECK_BOUND_S + FORMING_BOUND_S, (
         f"recovered after {recovery}s; events since the kill:\n{timeline(result.events, crashed_at)}"
     )
     assert trace.redone() == 0, (

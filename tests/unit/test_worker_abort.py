@@ -31,3 +31,40 @@ def test_an_abort_that_comes_before_its_round_began_ends_that_round_at_once():
         worker._pulse.close()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_a_rank_forming_its_round_says_so_and_where_then_leaves_when_aborted():
+    """Ranks connect to their round before it has a session: that wait is shown (busy, with its stack), not
+    "not in a round", so an abort gives it the forming bound instead of killing it with its commit."""
+    import threading
+
+    from ray_elastic.store import RoundStore
+
+    saved = dict(os.environ)
+    worker = ElasticWorker(RunConfig(run_id="forming", warmup_modules=()), lambda: None, None, "w0", "node")
+    store = RoundStore("127.0.0.1")
+    try:
+        a = Assignment("w0", "node", rank=0, local_rank=0, world_size=2, local_world_size=1, node_rank=0,
+                       num_nodes=2)
+        spec = RoundSpec(a, 1, restart_count=0, store_host=store.host, store_port=store.port, max_restarts=1)
+        outcome: list = []
+        thread = threading.Thread(target=lambda: outcome.append(worker.run_round(spec)), daemon=True)
+        thread.start()  # rank 1 never comes: rank 0 waits for it while forming the group
+        deadline = time.monotonic() + 10
+        while not (beat := worker.probe(1)).busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert beat.busy.startswith("forming the round's process group"), beat
+        report = worker.stacks()
+        assert "wait_for_every_rank" in report.stack and report.note.startswith("busy forming"), report
+        aborted_at = time.monotonic()
+        worker.abort(1)
+        store.close()  # as the coordinator does: the wait for the missing rank ends
+        thread.join(10)
+        assert outcome and outcome[0].kind is OutcomeKind.ABORTED, outcome
+        assert time.monotonic() - aborted_at < 2.0
+        assert worker.probe(1).busy == "" and worker.stacks().note == "not in a round"
+    finally:
+        store.close()
+        worker._pulse.close()
+        os.environ.clear()
+        os.environ.update(saved)
