@@ -483,7 +483,7 @@ class RayWorkerGroup(WorkerGroup):
                 if state == "alive":
                     holding_gil.append(slot.worker_id)
             reports[slot.worker_id] = StackReport(slot.worker_id, -1, slot.pid or -1, "", note=note)
-        for worker_id, read in read_from_outside({w: where[w] for w in holding_gil}, self.round_id).items():
+        for worker_id, read in self.outside_stacks(holding_gil).items():
             reports[worker_id] = dataclasses.replace(read, note=f"{reports[worker_id].note}; {read.note}")
         return [(r, where[w][0]) for w, r in reports.items()]
 

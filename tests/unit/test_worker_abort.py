@@ -1,54 +1,57 @@
-"""A worker aborted before its round's call began leaves that round at once (the calls race on its threads)."""
+"""A real worker's round before it has a session: an abort that comes first, and the wait while it forms."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from ray_elastic.config import RunConfig
 from ray_elastic.coordinator.types import Assignment, OutcomeKind, RoundSpec
+from ray_elastic.store import RoundStore
 from ray_elastic.worker.actor import ElasticWorker
 
 
-def test_an_abort_that_comes_before_its_round_began_ends_that_round_at_once():
+@pytest.fixture
+def worker() -> Iterator[ElasticWorker]:
     saved = dict(os.environ)  # a round sets torchrun's variables in its process
-    worker = ElasticWorker(RunConfig(run_id="abort-first", warmup_modules=()), lambda: None, None, "w0", "node")
+    made = ElasticWorker(RunConfig(run_id="unit", warmup_modules=()), lambda: None, None, "w0", "node")
     try:
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))  # bound, not listening: a store there refuses every connection
-            a = Assignment("w0", "node", rank=0, local_rank=0, world_size=2, local_world_size=1, node_rank=0,
-                           num_nodes=2)
-            spec = RoundSpec(a, 3, restart_count=0, store_host="127.0.0.1", store_port=closed.getsockname()[1],
-                             max_restarts=1)
-            assert worker.abort(round_id=3) is None  # not begun yet: nothing to break, but remembered
-            started = time.monotonic()
-            outcome = worker.run_round(spec)  # without the abort it would retry the store for 30 s
-        assert outcome.kind is OutcomeKind.ABORTED, outcome
-        assert time.monotonic() - started < 2.0
-        assert worker.abort(round_id=2) is None and 2 not in worker._aborted  # an older round's abort marks nothing
+        yield made
     finally:
-        worker._pulse.close()
+        made._pulse.close()
         os.environ.clear()
         os.environ.update(saved)
 
 
-def test_a_rank_forming_its_round_says_so_and_where_then_leaves_when_aborted():
+def _spec(round_id: int, port: int) -> RoundSpec:
+    """Rank 0 of a world of 2 whose store is at 127.0.0.1:`port`."""
+    a = Assignment("w0", "node", rank=0, local_rank=0, world_size=2, local_world_size=1, node_rank=0, num_nodes=2)
+    return RoundSpec(a, round_id, restart_count=0, store_host="127.0.0.1", store_port=port, max_restarts=1)
+
+
+def test_an_abort_that_comes_before_its_round_began_ends_that_round_at_once(worker):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: a store there refuses every connection
+        assert worker.abort(round_id=3) is None  # not begun yet: nothing to break, but remembered
+        started = time.monotonic()
+        outcome = worker.run_round(_spec(3, closed.getsockname()[1]))  # without the abort: 30 s of retries
+    assert outcome.kind is OutcomeKind.ABORTED, outcome
+    assert time.monotonic() - started < 2.0
+    assert worker.abort(round_id=2) is None and 2 not in worker._aborted  # an older round's abort marks nothing
+
+
+def test_a_rank_forming_its_round_says_so_and_where_then_leaves_when_aborted(worker):
     """Ranks connect to their round before it has a session: that wait is shown (busy, with its stack), not
     "not in a round", so an abort gives it the forming bound instead of killing it with its commit."""
-    import threading
-
-    from ray_elastic.store import RoundStore
-
-    saved = dict(os.environ)
-    worker = ElasticWorker(RunConfig(run_id="forming", warmup_modules=()), lambda: None, None, "w0", "node")
     store = RoundStore("127.0.0.1")
     try:
-        a = Assignment("w0", "node", rank=0, local_rank=0, world_size=2, local_world_size=1, node_rank=0,
-                       num_nodes=2)
-        spec = RoundSpec(a, 1, restart_count=0, store_host=store.host, store_port=store.port, max_restarts=1)
         outcome: list = []
-        thread = threading.Thread(target=lambda: outcome.append(worker.run_round(spec)), daemon=True)
+        thread = threading.Thread(target=lambda: outcome.append(worker.run_round(_spec(1, store.port))), daemon=True)
         thread.start()  # rank 1 never comes: rank 0 waits for it while forming the group
         deadline = time.monotonic() + 10
         while not (beat := worker.probe(1)).busy and time.monotonic() < deadline:
@@ -65,6 +68,3 @@ def test_a_rank_forming_its_round_says_so_and_where_then_leaves_when_aborted():
         assert worker.probe(1).busy == "" and worker.stacks().note == "not in a round"
     finally:
         store.close()
-        worker._pulse.close()
-        os.environ.clear()
-        os.environ.update(saved)
