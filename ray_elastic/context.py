@@ -67,6 +67,7 @@ class Session:
         self.last_progress = time.monotonic()
         self.last_committed_step: int | None = None
         self._interrupt_handlers: list[Callable[[str], None]] = []
+        self._interrupted: str | None = None  # the round's interrupt so far ("abort" outranks "stop")
         # Processes running this rank's training outside the worker (a script subprocess): `stacks` reads
         # theirs with py-spy.
         self.subprocess_pids: list[int] = []
@@ -79,12 +80,24 @@ class Session:
         """Call `handler(reason)` when the round is aborted ("abort") or asked to stop ("stop").
 
         For train_fns that wait on something other than collectives (a subprocess,
-        say), so that they can leave the round promptly.
+        say), so that they can leave the round promptly. A handler added after the round was interrupted, or
+        asked to stop, is called at once: the request may come while train_fn is still setting up. A handler
+        may be called more than once.
         """
-        self._interrupt_handlers.append(handler)
+        with self._lock:
+            self._interrupt_handlers.append(handler)
+            already = self._interrupted
+        if already is None and self.stop_requested():
+            already = "stop"
+        if already is not None:
+            handler(already)
 
     def interrupt(self, reason: str) -> None:
-        for handler in list(self._interrupt_handlers):
+        with self._lock:
+            if self._interrupted != "abort":
+                self._interrupted = reason
+            handlers = list(self._interrupt_handlers)
+        for handler in handlers:
             handler(reason)
 
     def finish_agreement(self) -> bool:

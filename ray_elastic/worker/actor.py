@@ -111,7 +111,7 @@ class ElasticWorker:
         self._round_id = -1
         self._group: GroupHandle | None = None
         self._session: Session | None = None
-        self._stop = threading.Event()
+        self._stop_round = -1  # the latest round asked to stop (its request may come before its run_round)
         self._aborted: set[int] = set()
         self._gloo_ifname: str | None = None  # GLOO_SOCKET_IFNAME as this worker last pinned it
         self._train_thread: int | None = None
@@ -174,11 +174,13 @@ class ElasticWorker:
         return StackReport(self.worker_id, round_id, os.getpid(), thread_stack(self._train_thread), op, note, seq)
 
     def request_stop(self, round_id: int) -> None:
+        """Have round `round_id` leave at its next commit (a script: stopped now); one not begun yet is
+        remembered, since this call and its `run_round` run on different threads in either order."""
         with self._lock:
-            if self._round_id != round_id:
+            if round_id < self._round_id:
                 return
-            self._stop.set()
-            session = self._session
+            self._stop_round = max(self._stop_round, round_id)
+            session = self._session if round_id == self._round_id else None
         if session is not None:
             session.interrupt("stop")
 
@@ -258,7 +260,6 @@ class ElasticWorker:
             if spec.round_id <= self._round_id:
                 return WorkerOutcome(self.worker_id, spec.round_id, OutcomeKind.ABORTED, message="stale round")
             self._round_id = spec.round_id
-            self._stop.clear()
             self._joining = True
         self._train_thread = threading.get_ident()
         self._lease.begin(spec.round_id)
@@ -287,7 +288,8 @@ class ElasticWorker:
             self.checkpointer, lambda: self._lease.check(spec.round_id, "publish a durable checkpoint"),
             self._set_busy,
         )
-        session = Session(context, self.snapshots, checkpointer, on_stop_check=self._stop.is_set,
+        session = Session(context, self.snapshots, checkpointer,
+                          on_stop_check=lambda: self._stop_round >= spec.round_id,
                           collective_timeout_s=self.config.collective_timeout_s, set_busy=self._set_busy)
         session.last_committed_step = self._last_step()
         store = None

@@ -139,3 +139,20 @@ def test_reset_callback_runs_when_world_changed():
 def test_state_outside_a_run_says_so():
     with pytest.raises(RuntimeError, match="only work inside a train_fn"):
         State(step=0)
+
+
+def test_an_interrupt_handler_added_late_still_hears_the_request():
+    """A stop or abort can come while train_fn is still setting up, before it adds its handler (the CLI's script
+    runner): the handler hears it at once instead of never."""
+    stop = {"flag": False}
+    session = Session(_context(), SnapshotHolder(), on_stop_check=lambda: stop["flag"])
+    heard: list[str] = []
+    session.add_interrupt_handler(heard.append)
+    assert heard == [], "nothing asked yet"
+    stop["flag"] = True  # asked to stop before the session could pass it on (the round was still forming)
+    session.add_interrupt_handler(heard.append)
+    assert heard == ["stop"]
+    session.interrupt("abort")
+    session.interrupt("stop")  # an abort is not downgraded by a later stop
+    session.add_interrupt_handler(heard.append)
+    assert heard == ["stop", "abort", "abort", "stop", "stop", "abort"]
