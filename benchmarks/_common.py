@@ -7,7 +7,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -187,11 +186,6 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR":
 # a job runtime_env instead would start every Ray worker through Ray's setup process (~1.4 s more CPU each).
 os.environ.update(WORKER_ENV)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def exit_on_sigterm() -> None:

@@ -27,8 +27,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import free_port, machine_line, table  # noqa: E402
+from _common import machine_line, table  # noqa: E402
 from workloads.loops import width_for_params  # noqa: E402
+
+from ray_elastic.testing.ports import free_port  # noqa: E402
 
 VARIANTS = ("no commit", "copy", "live")
 DEPTH, BATCH, STEPS_PER_BLOCK, SKIP_PER_BLOCK = 4, 32, 10, 2

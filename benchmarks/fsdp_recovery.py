@@ -48,7 +48,6 @@ from _common import (  # noqa: E402
     StepLogs,
     exit_on_sigterm,
     fmt_s,
-    free_port,
     log,
     machine_line,
     median,
@@ -60,6 +59,8 @@ from _common import (  # noqa: E402
 )
 from launchers import ElasticLauncher, RayTrainLauncher, TorchrunStandalone  # noqa: E402
 from workloads.loops import width_for_params  # noqa: E402
+
+from ray_elastic.testing.ports import free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEPTH = 4

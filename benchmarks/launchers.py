@@ -14,7 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import LOOPBACK, WORKER_ENV, InThread, ProcessGroups, Record, connect, dump_stacks, free_port, torchrun_cmd
+from _common import LOOPBACK, WORKER_ENV, InThread, ProcessGroups, Record, connect, dump_stacks, torchrun_cmd
+
+from ray_elastic.testing.ports import free_port
 
 
 def _script_args(log_dir: Path, checkpoint: Path, sleep_s: float, steps: int) -> list[str]:

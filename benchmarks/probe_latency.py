@@ -142,7 +142,8 @@ def _spin(seconds: float) -> None:
 
 def measure(actor: Any, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     import ray
-    from _common import free_port
+
+    from ray_elastic.testing.ports import free_port
 
     port = free_port()
     helpers: list[multiprocessing.Process] = []

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,13 @@ from typing import Any
 import psutil
 import ray
 
+from ray_elastic.testing.ports import free_port
 from ray_elastic.testing.procs import marked_processes, with_descendants
 
 MARKER = "RAY_ELASTIC_AUTOSCALING_CLUSTER"
 # Node id the fake provider gives the head (Ray's own FAKE_HEAD_NODE_ID); worker ids count up from it.
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def autoscaling_config(
@@ -131,7 +126,7 @@ class LocalAutoscalingCluster:
 
     def start(self) -> str:
         """Start the head and its autoscaler; return the cluster address."""
-        port = _free_port()
+        port = free_port("")
         host = ray.util.get_node_ip_address()
         self.address = f"{host}:{port}"
         config = autoscaling_config(self.worker_types, {"CPU": 0}, self.address, self.autoscaler_v2,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_elastic.testing.ports import free_port
 from tests.cli.conftest import LAUNCHERS, SCRIPTS, Launched, launch_both
 
 pytestmark = pytest.mark.timeout(150)
@@ -26,11 +26,6 @@ PY = str(SCRIPTS / "check_env.py")
 SH = str(SCRIPTS / "check_env.sh")
 COMMON = ["--monitor-interval=1", "--start-method=spawn"]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _this_machine_nproc_auto() -> int:
@@ -127,7 +122,7 @@ def test_scenario_passes_under_both_launchers(name: str, tmp_path: Path) -> None
     for launcher in LAUNCHERS:
         tmp = tmp_path / launcher
         (tmp / "touched").mkdir(parents=True)
-        values = {"dir": str(tmp / "touched"), "tmp": str(tmp), "port": str(_free_port()),
+        values = {"dir": str(tmp / "touched"), "tmp": str(tmp), "port": str(free_port()),
                   "run_id": uuid.uuid4().hex}
 
         def fill(text: str, values: dict[str, str] = values) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from ray_elastic.cli import main
+from ray_elastic.testing.ports import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]
 
@@ -169,17 +169,12 @@ def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, clu
     no_leaks(script_pids)  # no actor, placement group, worker or script process left
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _torchrun_env(tmp_path: Path, script: Path, run_id: str) -> dict[int, dict]:
     """What real torchrun gives the same world: 2 agents (nodes) × 2 processes, c10d rendezvous."""
     out = tmp_path / "torchrun"
     out.mkdir()
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     agents = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2", "--max-restarts=3",
@@ -200,7 +195,7 @@ def test_script_env_matches_torchrun(cluster, no_leaks, tmp_path):
     script.write_text(ENV_SCRIPT)
     out = tmp_path / "ours"
     out.mkdir()
-    port = _free_port()  # --master-port binds the store there: a script naming it in tcp:// works (issue 19)
+    port = free_port()  # --master-port binds the store there: a script naming it in tcp:// works (issue 19)
     argv = ["run", "--nnodes=2:2", "--nproc-per-node=2", "--max_restarts=3", "--rdzv_id=envcheck",
             f"--master-port={port}", str(script), str(out), f"tcp://127.0.0.1:{port}"]
     assert main(argv) == 0

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ray_elastic.testing.ports import free_port
 from ray_elastic.testing.procs import kill_and_name, marked_processes, still_running
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
@@ -37,11 +37,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readme_commands(section: str) -> list[str]:
@@ -62,8 +57,8 @@ class ReadmeMachine:
         self.quickstart_output = ""
         self.home = root / "home"
         self.home.mkdir()
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
         self.commands = readme_commands("ray job submit")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
@@ -83,7 +78,7 @@ class ReadmeMachine:
         if command.startswith("ray start"):
             command += (f" --port={self.gcs_port} --dashboard-port={self.dashboard_port}"
                         f" --temp-dir={self.root / 'ray'} --node-ip-address=127.0.0.1"
-                        f" --dashboard-agent-listen-port={_free_port()} --disable-usage-stats")
+                        f" --dashboard-agent-listen-port={free_port()} --disable-usage-stats")
         return command.replace("127.0.0.1:8265", f"127.0.0.1:{self.dashboard_port}")
 
     def shell(self, script: str, timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

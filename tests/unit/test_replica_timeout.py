@@ -10,7 +10,6 @@ must be kept out of reuse instead.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -19,6 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from ray_elastic.testing.ports import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -79,16 +80,11 @@ def _run(rank: int, port: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_replica_wait_that_times_out_ends_the_transfer_so_its_buffers_are_reused():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_proc, args=(rank, port, results)) for rank in range(2)]
     for p in procs:
         p.start()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from ray_elastic.testing.ports import free_port
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -170,16 +171,11 @@ def _proc(proc: int, port: int, tmp: str, phases=PHASES, hsdp: bool = False) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_phases(tmp_path, phases, hsdp: bool) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     procs = 1 + max(p for phase in phases for p in phase.members)
-    mp.spawn(_proc, args=(_free_port(), str(tmp_path), phases, hsdp), nprocs=procs, join=True)
+    mp.spawn(_proc, args=(free_port(), str(tmp_path), phases, hsdp), nprocs=procs, join=True)
     results = {phase.name: json.loads((tmp_path / f"{phase.name}.json").read_text()) for phase in phases}
     for phase in phases:
         summary, diff = results[phase.name]["summary"], results[phase.name]["diff"]
