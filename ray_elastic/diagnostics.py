@@ -104,10 +104,15 @@ def compare_collectives(issued: dict[str, tuple[int, str]]) -> dict[str, str]:
     return out
 
 
+def py_spy_path() -> str | None:
+    """The py-spy next to this Python (ray[default] installs it there), else the one on PATH."""
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
 def py_spy_dump(pid: int, timeout_s: float = 10.0, native: bool = False, who: str = "the script") -> tuple[str, str]:
     """(stack, note) of another process, read with `py-spy dump` (with C frames if `native`); stack "" and a
     note when it cannot. `who` names the process in the note."""
-    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    exe = py_spy_path()
     if exe is None:
         return "", f"py-spy not found (it ships with ray[default]); no stack for {who}"
     command = [exe, "dump", "--pid", str(pid)] + (["--native"] if native else [])
@@ -116,8 +121,17 @@ def py_spy_dump(pid: int, timeout_s: float = 10.0, native: bool = False, who: st
     except (OSError, subprocess.TimeoutExpired) as exc:
         return "", f"py-spy dump --pid {pid} failed: {exc}"
     if done.returncode != 0:
-        return "", f"py-spy dump --pid {pid} failed: {(done.stderr or done.stdout).strip()[:300]}"
+        return "", py_spy_failure(pid, who, (done.stderr or done.stdout).strip())
     return done.stdout, f"read by py-spy from {who} (pid {pid})"
+
+
+def py_spy_failure(pid: int, who: str, said: str) -> str:
+    """Why `py-spy dump` could not read `who`, from what it printed; a missing right is named, not py-spy's advice
+    to rerun it with sudo."""
+    if "permission denied" in said.lower():
+        return (f"py-spy may not read {who} (pid {pid}): it needs ptrace rights on that node (Ray run as root or "
+                f"with CAP_SYS_PTRACE, or kernel.yama.ptrace_scope=0)")
+    return f"py-spy dump --pid {pid} failed: {said[:300]}"
 
 
 def gil_holder(dump: str) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,6 +21,8 @@ from ray_elastic.diagnostics import (
     first_user_frame,
     gil_holder,
     py_spy_dump,
+    py_spy_failure,
+    py_spy_path,
     thread_stack,
 )
 from ray_elastic.pulse import ALIVE, GONE, SILENT, PulseServer, ping
@@ -224,6 +227,36 @@ def test_py_spy_reads_the_thread_holding_the_gil_from_outside():
     assert held.startswith(f"Thread {proc.pid} (active+gil)") and "sleeper" not in held, held
     assert first_user_frame(held) == "<string>:5 in holding_the_gil", held  # innermost last, as in a traceback
     assert gil_holder("Thread 7 (idle): \"x\"\n    f (a.py:1)\n") == "Thread 7 (idle): \"x\"\n    f (a.py:1)\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs py-spy as user nobody: needs root")
+def test_py_spy_without_ptrace_rights_says_what_it_needs(tmp_path):
+    """py-spy run by a user that may not trace the process (nobody, reading a root process): the note names the
+    rights it needs, read from what this py-spy really prints."""
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    reachable = Path(tempfile.mkdtemp(dir="/tmp"))  # a copy nobody may run (the venv's may sit in a private home)
+    try:
+        reachable.chmod(0o755)
+        exe = shutil.copy(py_spy_path(), reachable / "py-spy")
+        target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            done = subprocess.run([exe, "dump", "--pid", str(target.pid)], capture_output=True, text=True, timeout=30,
+                                  preexec_fn=lambda: (os.setgid(nobody.pw_gid), os.setuid(nobody.pw_uid)))
+        finally:
+            target.kill()
+            target.wait()
+    finally:
+        shutil.rmtree(reachable)
+    assert done.returncode != 0, done.stdout
+    assert py_spy_failure(target.pid, "rank 3", done.stderr or done.stdout) == (
+        f"py-spy may not read rank 3 (pid {target.pid}): it needs ptrace rights on that node (Ray run as root or "
+        f"with CAP_SYS_PTRACE, or kernel.yama.ptrace_scope=0)")
+    assert py_spy_failure(7, "rank 0", "Error: Failed to find python version") == \
+        "py-spy dump --pid 7 failed: Error: Failed to find python version"
 
 
 def test_gil_holder_keeps_the_c_frames_where_the_gil_is_held_not_the_threads_start():
