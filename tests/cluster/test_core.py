@@ -30,8 +30,11 @@ except KeyboardInterrupt:
 def test_ctrl_c_in_the_driver_tears_everything_down(cluster, no_leaks):
     cluster.resize(2)
     env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONPATH=os.getcwd())
+    # As from a terminal: SIGINT not ignored, even where the suite was started in the background (`nohup ... &`
+    # ignores it, and Python then installs no KeyboardInterrupt handler in what it starts).
     driver = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_DRIVER], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         lines = []
