@@ -187,7 +187,6 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR":
 os.environ.update(WORKER_ENV)
 
 
-
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so that `finally` blocks tear clusters and process groups down."""
 

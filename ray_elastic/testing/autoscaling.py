@@ -33,7 +33,6 @@ MARKER = "RAY_ELASTIC_AUTOSCALING_CLUSTER"
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
 
 
-
 def autoscaling_config(
     worker_types: Mapping[str, Mapping[str, Any]],
     head_resources: Mapping[str, float],

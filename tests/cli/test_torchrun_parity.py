@@ -27,7 +27,6 @@ SH = str(SCRIPTS / "check_env.sh")
 COMMON = ["--monitor-interval=1", "--start-method=spawn"]
 
 
-
 def _this_machine_nproc_auto() -> int:
     import torch
 

@@ -169,7 +169,6 @@ def test_example_script_survives_sigkill_and_resumes_from_its_snapshot(mode, clu
     no_leaks(script_pids)  # no actor, placement group, worker or script process left
 
 
-
 def _torchrun_env(tmp_path: Path, script: Path, run_id: str) -> dict[int, dict]:
     """What real torchrun gives the same world: 2 agents (nodes) × 2 processes, c10d rendezvous."""
     out = tmp_path / "torchrun"

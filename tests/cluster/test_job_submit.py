@@ -38,7 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-
 def readme_commands(section: str) -> list[str]:
     """The first ```bash block under README heading `section`, one command per line, comments dropped."""
     text = (REPO / "README.md").read_text()

@@ -80,7 +80,6 @@ def _run(rank: int, port: int) -> dict:
     }
 
 
-
 def test_a_replica_wait_that_times_out_ends_the_transfer_so_its_buffers_are_reused():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

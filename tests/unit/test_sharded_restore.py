@@ -171,7 +171,6 @@ def _proc(proc: int, port: int, tmp: str, phases=PHASES, hsdp: bool = False) -> 
         dist.destroy_process_group()
 
 
-
 def _run_phases(tmp_path, phases, hsdp: bool) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     procs = 1 + max(p for phase in phases for p in phase.members)
