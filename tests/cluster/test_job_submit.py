@@ -38,6 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+def _fresh_machine_env() -> dict[str, str]:
+    """This environment without Ray's settings (a machine that never ran Ray), keeping the suite's session marker
+    (RAY_ELASTIC_TEST_SESSION) so that scripts/test.sh can kill what a test that did not finish left running."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_ELASTIC_TEST_SESSION"}
+
+
 def readme_commands(section: str) -> list[str]:
     """The first ```bash block under README heading `section`, one command per line, comments dropped."""
     text = (REPO / "README.md").read_text()
@@ -59,7 +65,7 @@ class ReadmeMachine:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.commands = readme_commands("ray job submit")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env = _fresh_machine_env()
         self.env.update(
             HOME=str(self.home),
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `ray` and `python` are this venv's
@@ -160,7 +166,7 @@ def test_readme_token_command_makes_a_token_where_there_is_none(tmp_path):
     """The section's first command is what makes the rest work on a machine that never ran Ray."""
     first = readme_commands("ray job submit")[0]
     assert first.startswith("ray get-auth-token --generate"), first
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = _fresh_machine_env()
     env.update(HOME=str(tmp_path), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     made = subprocess.run(["bash", "-c", first], env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
