@@ -12,8 +12,8 @@ replacement processes start with a fresh copy of the injector.
 Faults can also be requested while a run goes (a soak test, a notebook):
 `FaultInjector(trigger_dir=d)` fires a fault at the next `check` of the rank
 named by `request_fault(d, kind, rank)`. With `log_path`, every fault that
-fires first appends `kind rank step wall_time pid` there, so a harness can time
-detection and recovery from the moment of the fault.
+fires first appends `kind rank step wall_time pid round_id` there, so a harness can time
+detection and recovery from the moment of the fault, and knows the round it hit.
 """
 
 from __future__ import annotations
@@ -86,19 +86,19 @@ class FaultInjector:
         ctx = get_context()
         for fault in self.faults:
             if (fault.rank, fault.step, fault.restart_count) == (ctx.rank, step, ctx.restart_count):
-                self._fire(fault.kind, ctx.rank, step)
+                self._fire(fault.kind, ctx.rank, step, ctx.round_id)
         if self.trigger_dir is not None:
             for kind in _KINDS:
                 try:  # removing the request claims it: it fires once
                     os.unlink(_trigger_path(self.trigger_dir, kind, ctx.rank))
                 except FileNotFoundError:
                     continue
-                self._fire(kind, ctx.rank, step)
+                self._fire(kind, ctx.rank, step, ctx.round_id)
 
-    def _fire(self, kind: str, rank: int, step: int) -> None:
+    def _fire(self, kind: str, rank: int, step: int, round_id: int) -> None:
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as out:
-                out.write(f"{kind} {rank} {step} {time.time():.6f} {os.getpid()}\n")
+                out.write(f"{kind} {rank} {step} {time.time():.6f} {os.getpid()} {round_id}\n")
         if kind == "raise":
             raise InjectedFault(f"injected failure on rank {rank} at step {step}")
         if kind == "kill":

@@ -50,6 +50,7 @@ class FiredFault:
     step: int
     wall: float
     pid: int
+    round_id: int
 
 
 class Trace:
@@ -82,7 +83,7 @@ class Trace:
         if not path.exists():
             return []
         rows = (line.split() for line in path.read_text().splitlines() if line.strip())
-        return [FiredFault(k, int(r), int(s), float(w), int(p)) for k, r, s, w, p in rows]
+        return [FiredFault(k, int(r), int(s), float(w), int(p), int(i)) for k, r, s, w, p, i in rows]
 
     def wait_for_step(self, step: int, timeout_s: float = 120.0, alive: Any = None) -> Commit:
         """Block until rank 0 committed `step` (or later); `alive()` False ends the wait early."""
@@ -163,15 +164,22 @@ class Trace:
         spans = {pid: f"{log[0]}..{log[-1]} ({len(log)})" for pid, log in self.commits_by_process().items() if log}
         return "\n".join(lines + [f"commits by process: {spans}"])
 
-    def first_commit_after(self, fault_time: float) -> Commit | None:
-        """The first step committed after `fault_time` in a round later than the one the fault hit."""
+    def first_commit_after(self, fault: float | FiredFault) -> Commit | None:
+        """The first step committed after a fault (its time, or a fired fault) in a round later than the one it hit.
+
+        From a time alone, the round hit is the newest that committed before it; a fault in a round's first step
+        comes before that round's first commit, so a fired fault, which knows its round, is the safer argument
+        (the survivors of a rank killed between its step and its commit still commit that step in its round).
+        """
+        fault_time, fault_round = (fault.wall, fault.round_id) if isinstance(fault, FiredFault) else (fault, -1)
         commits = self.commits()
         before = [c.round_id for c in commits if c.wall <= fault_time]
-        fault_round = max(before) if before else -1
+        fault_round = max([fault_round, *before])
         return next((c for c in commits if c.wall > fault_time and c.round_id > fault_round), None)
 
-    def recovery_s(self, fault_time: float) -> float | None:
-        commit = self.first_commit_after(fault_time)
+    def recovery_s(self, fault: float | FiredFault) -> float | None:
+        commit = self.first_commit_after(fault)
+        fault_time = fault.wall if isinstance(fault, FiredFault) else fault
         return None if commit is None else commit.wall - fault_time
 
     def ports(self) -> set[int]:

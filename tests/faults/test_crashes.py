@@ -139,7 +139,7 @@ def test_row3_stopped_rank_is_left_behind_as_silent_and_a_woken_one_cannot_rejoi
     died_at = watch.wait(10)
     events = result.events
     detections = [detection_s(events, f.wall) for f in trace.fired()]
-    figures(3, "worker hang (SIGSTOP)", detection_s=detections[1], recovery_s=trace.recovery_s(stopped.wall),
+    figures(3, "worker hang (SIGSTOP)", detection_s=detections[1], recovery_s=trace.recovery_s(stopped),
             steps_redone=trace.redone(), restarts=result.restarts, budget=2, hang_timeout_s=hang_timeout_s,
             woken_detection_s=detections[0], killed_after_s=None if died_at is None else died_at - stopped.wall,
             woken_rejoined=woken.pid in {v["pid"] for v in result.return_values})

@@ -38,7 +38,7 @@ def test_peer_killed_between_its_step_and_commit_costs_no_step(snapshot, cluster
     assert [(f.kind, f.rank, f.step) for f in fired] == [("kill", 1, 5)]
     check_run(result, steps, restarts=1, trace=trace)
     assert [c.step for c in trace.commits()] == list(range(1, steps + 1))
-    assert trace.first_commit_after(fired[0].wall).step == 6, "survivors kept step 5: nothing redone"
+    assert trace.first_commit_after(fired[0]).step == 6, "survivors kept step 5: nothing redone"
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
@@ -133,7 +133,7 @@ def test_auto_keeps_copies_for_a_loop_committing_every_5_steps_and_a_kill_loses_
     fired = trace.fired()
     assert [(f.kind, f.rank, f.step) for f in fired] == [("kill", 1, 12)]
     check_run(result, steps, restarts=1, trace=trace, every=5)
-    assert trace.first_commit_after(fired[0].wall).step == 15, "resumed from the commit of step 10"
+    assert trace.first_commit_after(fired[0]).step == 15, "resumed from the commit of step 10"
     assert result.snapshot == "copy"
     [chosen] = [e for e in result.events if e.kind == "snapshot"]
     assert chosen.data["mode"] == "copy" and "more than once between two commits" in chosen.message

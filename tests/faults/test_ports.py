@@ -64,16 +64,16 @@ def test_row11_two_runs_at_once_with_taken_ports_never_collide(cluster, no_leaks
     ports = [port for by_round in rounds.values() for port in by_round.values()]
     for name in names:
         trace = traces[name]
-        fault = trace.fired()[0].wall
+        fault = trace.fired()[0]
         figures(11, f"ports taken, two runs at once: run {name.split('-')[1]}",
-                detection_s=detection_s(results[name].events, fault), recovery_s=trace.recovery_s(fault),
+                detection_s=detection_s(results[name].events, fault.wall), recovery_s=trace.recovery_s(fault),
                 steps_redone=trace.redone(), restarts=results[name].restarts, budget=1, store_ports=rounds[name])
     assert not any(accepted.values()), f"something connected to a taken port (the inherited MASTER_PORT?): {accepted}"
     for name in names:
         check_run(results[name], last[name], restarts=1, trace=traces[name])
         assert sorted(rounds[name]) == [0, 1], "both rounds of each run committed steps"
         assert traces[name].redone() == 0, "the raise came before the step: nothing committed is redone"
-        recovery = traces[name].recovery_s(traces[name].fired()[0].wall)
+        recovery = traces[name].recovery_s(traces[name].fired()[0])
         assert recovery is not None and recovery < RECOVERY_BOUND_S, f"recovered after {recovery}s"
     assert len(set(ports)) == len(ports) == 4, f"a fresh store port per round and per run: {rounds}"
     assert not set(ports) & set(taken), f"a store took a port that was already bound: {rounds}, taken {taken}"

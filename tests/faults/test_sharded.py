@@ -74,11 +74,11 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
     steps = trace.stop_at(trace.commits()[-1].step + 8)
     result = run.join()
     kill = trace.fired()[0]
-    first_after = trace.first_commit_after(kill.wall)
+    first_after = trace.first_commit_after(kill)
     restores = read_restores(str(trace.dir))
     kind = "HSDP" if hsdp else "FSDP2"
     figures(19, f"{kind} rank SIGKILL (4 -> 3)", detection_s=detection_s(result.events, kill.wall),
-            recovery_s=trace.recovery_s(kill.wall), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+            recovery_s=trace.recovery_s(kill), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     figures(21, f"{kind} rank joins (3 -> 4)", steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     timeline = [(e.kind, round(e.time - kill.wall, 3), e.message) for e in result.events]
     assert kill.rank == 2 and formed["time"] < kill.wall < shrunk["time"] < grown["time"], timeline
@@ -169,7 +169,7 @@ def test_a_rank_killed_for_staying_in_an_aborted_round_gives_its_shards_to_a_sur
     steps = trace.stop_at(trace.commits()[-1].step + 4)
     result = run.join()
     figures(19, "FSDP2 rank SIGKILL + its replica holder stuck past the abort", steps_redone=trace.redone(),
-            recovery_s=trace.recovery_s(stall.wall), restarts=result.restarts, budget=1)
+            recovery_s=trace.recovery_s(stall), restarts=result.restarts, budget=1)
     assert (stall.kind, stall.rank) == ("stall", 2)
     assert handed["data"]["rank"] == 2 and handed["data"]["to_rank"] in (0, 3), handed
     assert 1 in handed["data"]["shards"], "rank 1's only replica was handed over"
@@ -290,7 +290,7 @@ def test_row13_hsdp_node_frozen_while_its_sub_group_peers_wait_on_it_replaces_no
     steps = trace.stop_at(trace.commits()[-1].step + 4)
     result = run.join()
     figures(13, "HSDP node frozen while sub-group peers wait on it", detection_s=detection_s(result.events, fired.wall),
-            recovery_s=trace.recovery_s(fired.wall), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
+            recovery_s=trace.recovery_s(fired), steps_redone=trace.redone(), restarts=result.restarts, budget=1)
     members = read_members(str(trace.dir))
     before = {m["pid"] for m in members if m["round"] == formed["round_id"]} - {fired.pid}
     after = {m["pid"] for m in members if m["round"] == shrunk["round_id"]}

@@ -104,7 +104,7 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
         cluster.freeze_node(second)
         run.wait_for("worker_lost", count=2, timeout_s=60)
         alive_when_left_b = _alive_in_ray(cluster, second)
-        second_commit = _wait(lambda: trace.first_commit_after(fired.wall), 60, "no step after the second freeze")
+        second_commit = _wait(lambda: trace.first_commit_after(fired), 60, "no step after the second freeze")
         cluster.thaw_node(second)
         assert DeathWatch(fired.pid).wait(15) is not None
         steps = trace.stop_at(second_commit.step + 10)
@@ -113,7 +113,7 @@ def test_row13_silent_nodes_are_left_behind_in_seconds(cluster, no_leaks, trace,
         _restore(cluster, frozen)
     events = result.events
     detected_a, detected_b = detection_s(events, frozen_at), detection_s(events, fired.wall)
-    recovery_a, recovery_b = trace.recovery_s(frozen_at), trace.recovery_s(fired.wall)
+    recovery_a, recovery_b = trace.recovery_s(frozen_at), trace.recovery_s(fired)
     figures(13, "node frozen mid-step (SIGSTOP raylet + workers)", detection_s=detected_a, recovery_s=recovery_a,
             steps_redone=trace.redone(), restarts=result.restarts, budget=2, probe_timeout_s=PROBE_TIMEOUT_S,
             ray_still_alive=alive_when_left)
@@ -154,7 +154,7 @@ def test_row14_silent_node_woken_after_the_reform_is_fenced(cluster, no_leaks, t
         node = _node_of(cluster, stale)
         cluster.freeze_node(node)
         lost = run.wait_for("worker_lost", timeout_s=60)
-        reformed = _wait(lambda: trace.first_commit_after(fired.wall), 60, "no step after the freeze")
+        reformed = _wait(lambda: trace.first_commit_after(fired), 60, "no step after the freeze")
         assert reformed.pid != stale
         _wait(lambda: any(m["writer_pid"] != stale for m in _manifests(storage)), 30, "no checkpoint of the new round")
         woken_at = time.time()
@@ -173,7 +173,7 @@ def test_row14_silent_node_woken_after_the_reform_is_fenced(cluster, no_leaks, t
         if node is not None:
             _restore(cluster, [node])
     figures(14, "silent node woken after the re-form", detection_s=detection_s(result.events, fired.wall),
-            recovery_s=trace.recovery_s(fired.wall), restarts=result.restarts, budget=1,
+            recovery_s=trace.recovery_s(fired), restarts=result.restarts, budget=1,
             stale_ran_commit=bool(ran), stale_checkpoints=len(stale_writes),
             cleaned_up_after_thaw_s=None if died_at is None else round(died_at - woken_at, 2))
     assert " silent: " in lost["data"]["trigger"], lost["data"]["trigger"]
@@ -313,7 +313,7 @@ def test_slow_durable_checkpoint_is_busy_not_hung_when_a_peer_fails(cluster, no_
     fault = trace.fired()[0]
     writer = trace.commits()[0].pid  # rank 0, which writes every checkpoint
     figures(9, "peer fails during a durable write longer than abort_timeout_s",
-            detection_s=detection_s(result.events, fault.wall), recovery_s=trace.recovery_s(fault.wall),
+            detection_s=detection_s(result.events, fault.wall), recovery_s=trace.recovery_s(fault),
             steps_redone=trace.redone(), restarts=result.restarts, budget=1, write_s=write_s)
     [restart] = [e for e in result.events if e.kind == "restart"]
     assert "(1 cause(s))" in restart.message and "(exception)" in restart.message, restart.message
