@@ -115,7 +115,9 @@ def test_row5_newcomer_lost_as_its_first_round_forms_costs_the_survivors_nothing
         assert time.monotonic() < deadline and run.alive(), "the new node's worker never became ready"
         time.sleep(0.01)
     os.kill(newcomer.pop(), signal.SIGKILL)
-    run.wait_for("round_formed", cause="scale-up", count=2, world_size=3, timeout_s=NODE_START_BOUND_S)
+    # Back at 3: the replacement joins by a later scale-up, or in the restart round itself when it is ready by then
+    # (a survivor caught in TCPStore's connect back-off of the aborted round's store leaves ~2 s later).
+    run.wait_for("round_formed", count=2, world_size=3, timeout_s=NODE_START_BOUND_S)
     steps = trace.stop_at(trace.commits()[-1].step + 10)
     result = run.join()
     check_run(result, steps, restarts=1, trace=trace)
