@@ -158,7 +158,9 @@ def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callabl
     for a random delay that may exceed the try's own timeout (seen: 2.4 s after a 0.5 s try). An abort closes
     the round's store; a rank still connecting to it would otherwise stay there past the abort timeout and be
     killed with the commit it holds. So it first waits for the port to accept a plain socket, checking
-    `aborted()` between short tries, and only then builds the client.
+    `aborted()` between short tries, and only then builds the client, on a helper thread it stops waiting for
+    at an abort: the store may close between the probe and the client (the back-off again, ~2 s seen), and a
+    listener that never answers (a frozen host) holds TCPStore's client without end.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -167,7 +169,7 @@ def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callabl
         attempt = max(0.05, min(STORE_CONNECT_ATTEMPT_S, deadline - time.monotonic()))
         try:
             if _accepts_connections(host, port, attempt):
-                store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt))
+                store = _client_unless_aborted(host, port, attempt, aborted, deadline)
                 break
             time.sleep(min(STORE_PROBE_PAUSE_S, max(0.0, deadline - time.monotonic())))
         except RuntimeError:  # DistNetworkError, DistStoreError: closed, reset, timed out between probe and client
@@ -176,6 +178,34 @@ def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callabl
             raise dist.DistNetworkError(f"the round's store at {host}:{port} accepted no connection in {timeout_s:g}s")
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return store
+
+
+def _client_unless_aborted(host: str, port: int, timeout_s: float, aborted: Callable[[], bool],
+                           deadline: float) -> dist.TCPStore:
+    """TCPStore's client of (host, port), built on a helper thread; raises once `aborted()` or past `deadline`
+    while it is still connecting. A build given up on ends by itself later (or never, on a silent listener: one
+    daemon thread and one socket), and its client is dropped."""
+    built: list[Any] = []
+
+    def build() -> None:
+        try:
+            built.append(dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            built.append(exc)
+
+    thread = threading.Thread(target=build, name="ray_elastic-round-store-client", daemon=True)
+    thread.start()
+    while not built:
+        thread.join(STORE_PROBE_PAUSE_S)
+        if built:
+            break
+        if aborted():
+            raise RoundAborted(f"round aborted while connecting to its store at {host}:{port}")
+        if time.monotonic() >= deadline:
+            raise dist.DistNetworkError(f"the round's store at {host}:{port} did not answer its client in time")
+    if isinstance(built[0], BaseException):
+        raise built[0]
+    return built[0]
 
 
 def _accepts_connections(host: str, port: int, timeout_s: float) -> bool:

@@ -68,3 +68,30 @@ def test_without_an_abort_a_closed_store_fails_after_the_timeout(closed_port):
         connect_round_store("127.0.0.1", closed_port.getsockname()[1], 2.0, aborted=lambda: False)
     assert not isinstance(raised.value, RoundAborted)
     assert 1.5 < time.monotonic() - started < 3.0  # the backoff of TCPStore's client overshot it by up to 1.4 s
+
+
+
+@pytest.fixture
+def silent_port():
+    """A port that takes connections (the kernel completes them) but never answers: a frozen store host."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock.getsockname()[1]
+
+
+def test_an_abort_ends_a_connect_to_a_store_that_never_answers(silent_port):
+    """Where the probe's connection was taken and the client then gets no answer: TCPStore's client waits for
+    one without end (or backs off for seconds when the store closed meanwhile); the rank leaves at the abort."""
+    aborted = threading.Event()
+    threading.Timer(0.3, aborted.set).start()
+    started = time.monotonic()
+    with pytest.raises(RoundAborted, match="aborted while connecting"):
+        connect_round_store("127.0.0.1", silent_port, 30.0, aborted=aborted.is_set)
+    assert time.monotonic() - started < 1.0
+
+
+def test_without_an_abort_a_store_that_never_answers_fails_after_the_timeout(silent_port):
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="accepted no connection in 2s") as raised:
+        connect_round_store("127.0.0.1", silent_port, 2.0, aborted=lambda: False)
+    assert not isinstance(raised.value, RoundAborted)
+    assert 1.9 < time.monotonic() - started < 2.5
