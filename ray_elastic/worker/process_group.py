@@ -168,23 +168,23 @@ def connect_round_store(host: str, port: int, timeout_s: float, aborted: Callabl
             raise RoundAborted(f"round aborted while connecting to its store at {host}:{port}")
         attempt = max(0.05, min(STORE_CONNECT_ATTEMPT_S, deadline - time.monotonic()))
         try:
-            if _accepts_connections(host, port, attempt):
-                store = _client_unless_aborted(host, port, attempt, aborted, deadline)
+            if not _accepts_connections(host, port, attempt):
+                time.sleep(min(STORE_PROBE_PAUSE_S, max(0.0, deadline - time.monotonic())))
+            elif (client := _client_unless_aborted(host, port, attempt, aborted, deadline)) is not None:
                 break
-            time.sleep(min(STORE_PROBE_PAUSE_S, max(0.0, deadline - time.monotonic())))
         except RuntimeError:  # DistNetworkError, DistStoreError: closed, reset, timed out between probe and client
             pass
         if time.monotonic() >= deadline:
             raise dist.DistNetworkError(f"the round's store at {host}:{port} accepted no connection in {timeout_s:g}s")
-    store.set_timeout(datetime.timedelta(seconds=timeout_s))
-    return store
+    client.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return client
 
 
 def _client_unless_aborted(host: str, port: int, timeout_s: float, aborted: Callable[[], bool],
-                           deadline: float) -> dist.TCPStore:
-    """TCPStore's client of (host, port), built on a helper thread; raises once `aborted()` or past `deadline`
-    while it is still connecting. A build given up on ends by itself later (or never, on a silent listener: one
-    daemon thread and one socket), and its client is dropped."""
+                           deadline: float) -> dist.TCPStore | None:
+    """TCPStore's client of (host, port), built on a helper thread; None once `aborted()` or past `deadline`
+    while it is still connecting (the caller says which). A build given up on ends by itself later (or never,
+    on a silent listener: one daemon thread and one socket), and its client is dropped."""
     built: list[Any] = []
 
     def build() -> None:
@@ -197,12 +197,8 @@ def _client_unless_aborted(host: str, port: int, timeout_s: float, aborted: Call
     thread.start()
     while not built:
         thread.join(STORE_PROBE_PAUSE_S)
-        if built:
-            break
-        if aborted():
-            raise RoundAborted(f"round aborted while connecting to its store at {host}:{port}")
-        if time.monotonic() >= deadline:
-            raise dist.DistNetworkError(f"the round's store at {host}:{port} did not answer its client in time")
+        if not built and (aborted() or time.monotonic() >= deadline):
+            return None
     if isinstance(built[0], BaseException):
         raise built[0]
     return built[0]
