@@ -149,6 +149,7 @@ def run(
     worker_start_timeout_s: float = 180.0,
     heartbeat_interval_s: float = 0.5,
     join_debounce_s: float = 0.5,
+    replacement_wait_s: float = 3.0,
     collective_timeout_s: float = 1800.0,
     backend: str | None = None,
     event_log_path: str | None = None,
@@ -183,6 +184,10 @@ def run(
         heartbeat_interval_s: how often the coordinator probes workers (progress, metrics).
         join_debounce_s: a burst of joining nodes settles for this long before one re-form (not when the
             nodes waiting already fill max_nodes: they join at the next commit).
+        replacement_wait_s: after a failure, no new worker process starts (a dead worker's replacement, the
+            workers of a new node) until the survivors commit or report in their new round, or this long
+            after the failure: a starting process (Python, Ray, torch) takes CPU from the survivors'
+            recovery on the node it shares with them. 0: start them at once.
         collective_timeout_s: torch.distributed timeout (the last resort; aborts come first).
         backend: "gloo" or "nccl" (default: nccl with use_gpu, else gloo).
         event_log_path: also write events as JSON lines here.
@@ -241,6 +246,7 @@ def run(
             worker_start_timeout_s=worker_start_timeout_s,
             heartbeat_interval_s=heartbeat_interval_s,
             join_debounce_s=join_debounce_s,
+            replacement_wait_s=replacement_wait_s,
             collective_timeout_s=collective_timeout_s,
             event_log_path=resolve_log_path(event_log_path),
             init_process_group=init_process_group,

@@ -320,6 +320,7 @@ def run_config(plan: LaunchPlan, nproc: int) -> Any:
         run_id=plan.run_id, min_nodes=plan.min_nodes, max_nodes=plan.max_nodes, nproc_per_node=nproc,
         max_restarts=plan.max_restarts, wait_for_nodes_timeout_s=plan.wait_for_nodes_timeout_s,
         hang_timeout_s=None, abort_timeout_s=plan.abort_timeout_s, init_process_group=False, warmup_modules=(),
+        replacement_wait_s=0.0,  # scripts report no progress: nothing to wait for
         store_port=plan.store_port,
     ))
 

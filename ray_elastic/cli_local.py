@@ -61,8 +61,11 @@ class LocalWorkerGroup(WorkerGroup):
         self._outcomes: queue.Queue[WorkerOutcome] = queue.Queue()
         self._pids: list[int] = []
 
-    def refresh(self, now: float) -> None:
-        pass  # this machine is the only node, always there
+    def refresh(self, now: float) -> int:
+        return 0  # this machine is the only node, always there; a round starts its scripts
+
+    def hold_new_workers(self, hold: bool) -> None:
+        pass  # no worker processes of its own: a round starts its scripts
 
     def ready_groups(self) -> list[NodeGroup]:
         with self._lock:

@@ -173,6 +173,7 @@ def execute_on_ray(plan: LaunchPlan) -> int:
             hang_timeout_s=None,  # scripts do not report progress; torchrun has no hang watchdog either
             abort_timeout_s=plan.abort_timeout_s,
             init_process_group=False, warmup_modules=(),  # the scripts run in subprocesses
+            replacement_wait_s=0.0,  # every script restarts, and scripts report no progress to wait for
             progress="log", store_port=plan.store_port,
         ), received)
     except ConfigError as exc:

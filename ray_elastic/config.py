@@ -43,6 +43,7 @@ class RunConfig:
     probe_timeout_s: float = 2.0
     heartbeat_interval_s: float = 0.5
     join_debounce_s: float = 0.5
+    replacement_wait_s: float = 3.0  # after a failure, new workers start once the survivors move, at most this late
     initial_gather_s: float = 2.0
     collective_timeout_s: float = 1800.0
     node_poll_interval_s: float = 1.0
@@ -157,6 +158,7 @@ def validate(config: RunConfig) -> RunConfig:
         "probe_timeout_s",
         "heartbeat_interval_s",
         "join_debounce_s",
+        "replacement_wait_s",
         "initial_gather_s",
         "collective_timeout_s",
         "node_poll_interval_s",

@@ -26,7 +26,9 @@ class Event:
     the next round: `to`, `ok`)); commit_lost (no member of a new round holds a
     commit although the run committed: `step`, `from_storage`); shards_handed_over
     (a rank killed for staying in an aborted round first gave the sharded
-    commits it held to a rank that left: `rank`, `to_rank`, `shards`); and, sent by a
+    commits it held to a rank that left: `rank`, `to_rank`, `shards`); workers_started
+    (new workers, held back after a failure while the survivors recovered, were started:
+    `started`, `waited_s`); and, sent by a
     worker, restored_from_storage (sharded state whose shards and replicas were lost).
     """
 

@@ -109,6 +109,13 @@ def _run_hooks(config: dict, ctx, step: int) -> None:
                 out.write(f"{hook['kind']} {ctx.rank} {step} {started:.6f} {time.time():.6f} {os.getpid()}\n")
 
 
+def _wait_at_gate(gate: dict | None, ctx) -> None:
+    if gate is None or (gate["rank"], gate["restart_count"]) != (ctx.rank, ctx.restart_count):
+        return
+    while os.path.exists(gate["path"]):
+        time.sleep(0.05)
+
+
 def ddp_train(config: dict) -> dict:
     """A small float64 DDP model; logs every committed step in the state itself.
 
@@ -120,7 +127,9 @@ def ddp_train(config: dict) -> dict:
     `_log_commit`; a `stop_at` file there lowers `steps`, see `_step_limit`),
     keep_model (build the module once per process and wrap it in DDP again on every entry),
     commit_every (commit only every N steps; default 1), hooks (busy or stuck
-    ranks, see `_run_hooks`), slow_checkpoint_s (each durable write takes that long).
+    ranks, see `_run_hooks`), slow_checkpoint_s (each durable write takes that long),
+    gate ({"path", "rank", "restart_count"}: that rank, in rounds of that restart count,
+    waits before each step while the file `path` exists).
     """
     ctx = ray_elastic.get_context()
     for key, value in config.get("first_attempt_env", {}).items():
@@ -153,6 +162,7 @@ def ddp_train(config: dict) -> dict:
         if faults is not None:
             faults.check(state.step)
         _run_hooks(config, ctx, state.step)
+        _wait_at_gate(config.get("gate"), ctx)
         x = torch.randn(16, width, dtype=torch.float64, generator=generator)
         loss = model(x).pow(2).mean()
         opt.zero_grad()

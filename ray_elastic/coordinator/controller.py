@@ -161,6 +161,7 @@ class Controller(DrainSteps, SilenceMixin):
         self.last_step: dict[str, int | None] = {}
         self._abort_reason: str | None = None
         self._last_refresh = float("-inf")
+        self._failed_at: float | None = None  # the failure whose survivors new workers wait for (`_starts_held`)
         self._ready_seen: set[str] = set()
         self._last_ready_change = now
         self.drain = drain.DrainTracker()
@@ -227,10 +228,38 @@ class Controller(DrainSteps, SilenceMixin):
     def _maybe_refresh(self, now: float) -> None:
         self._drains = dict(self.group.drains(now))
         self._release_drained(now)
-        if now - self._last_refresh >= self.config.node_poll_interval_s:
+        failed_at = self._failed_at
+        release = self._release_starts(now)
+        if release:
+            self.group.hold_new_workers(False)
+        if release or now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
-            self.group.refresh(now)
+            started = self.group.refresh(now)
+            if release and started and failed_at is not None:
+                self._emit("workers_started", f"{started} new worker(s) started {now - failed_at:.2f}s after the "
+                           f"failure, once {release}", started=started, waited_s=now - failed_at)
         self._note_ready(now)
+
+    def _release_starts(self, now: float) -> str:
+        """After a failure new worker processes wait, so that their start (Python, Ray, torch: seconds of CPU)
+        does not slow the survivors' recovery on the node they share. Say why the wait ends now, else "".
+
+        It ends when the survivors commit or report in their new round, when the run needs new workers to go
+        on (below min_nodes), or `replacement_wait_s` after the failure.
+        """
+        if self._failed_at is None:
+            return ""
+        state = self.state
+        if isinstance(state, Running) and any(count > 0 for count in state.progress_count.values()):
+            reason = f"the survivors made progress in round {state.plan.round_id}"
+        elif isinstance(state, Waiting) or state.terminal:
+            reason = "the run needs them to go on"
+        elif now - self._failed_at >= self.config.replacement_wait_s:
+            reason = f"replacement_wait_s={self.config.replacement_wait_s:g}s passed"
+        else:
+            return ""
+        self._failed_at = None
+        return reason
 
     def _note_ready(self, now: float) -> None:
         """Track the ready node groups outside the round (a `node_ready` event for each new one)."""
@@ -446,6 +475,9 @@ class Controller(DrainSteps, SilenceMixin):
                        diagnose: bool = False) -> State:
         if self.exporter is not None:
             self.exporter.on_failure_detected(now)
+        if self._failed_at is None and self.config.replacement_wait_s > 0:
+            self._failed_at = now
+            self.group.hold_new_workers(True)  # before the next wait(): it starts workers in dead slots too
         unsettled = [w for w in state.plan.worker_ids if w not in state.outcomes]
         self.group.abort(state.plan.round_id, unsettled, diagnose=diagnose)  # first: survivors are waiting
         restarting = Restarting(

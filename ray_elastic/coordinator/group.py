@@ -17,8 +17,13 @@ class WorkerGroup(abc.ABC):
     """Nodes, their workers, and the rounds they run."""
 
     @abc.abstractmethod
-    def refresh(self, now: float) -> None:
-        """Look for new or lost nodes; start workers on new ones. Never blocks for long."""
+    def refresh(self, now: float) -> int:
+        """Look for new or lost nodes; start workers on new ones and for dead ones (unless held back, see
+        `hold_new_workers`); return how many it started. Never blocks for long."""
+
+    @abc.abstractmethod
+    def hold_new_workers(self, hold: bool) -> None:
+        """Start no worker process (for a dead one, or on a new node) until called again with False."""
 
     @abc.abstractmethod
     def ready_groups(self) -> list[NodeGroup]:

@@ -112,6 +112,7 @@ class RayWorkerGroup(WorkerGroup):
         self._drains: dict[str, DrainNotice] = {}  # nodes Ray is draining (see coordinator/drain.py)
         self._drains_polled = float("-inf")
         self._slot_seq = 0
+        self._hold_new = False  # start no worker processes (see hold_new_workers)
         self._pulse_pool: ThreadPoolExecutor | None = None
         self._pulses: dict[str, Future[str]] = {}  # worker id -> native check in flight
         self._abort_refs: dict[Any, str] = {}  # abort calls whose answers (stacks) are still to collect
@@ -123,7 +124,7 @@ class RayWorkerGroup(WorkerGroup):
         return self._slots.get(worker_id)
 
     # -- nodes ---------------------------------------------------------------------------------
-    def refresh(self, now: float) -> None:
+    def refresh(self, now: float) -> int:
         infos = {n.node_id: n for n in cluster_nodes()}
         for node_id in list(self.nodes):
             info = infos.get(node_id)
@@ -150,7 +151,7 @@ class RayWorkerGroup(WorkerGroup):
         self._release_drained()
         staying = sum(1 for n in self.nodes if n not in self._drains)
         self._express_demand(self.config.max_nodes if staying < self.config.max_nodes else 0)
-        self._advance_startups()
+        return self._advance_startups()
 
     def drains(self, now: float) -> dict[str, DrainNotice]:
         if now - self._drains_polled >= self.config.drain_poll_interval_s:
@@ -226,7 +227,13 @@ class RayWorkerGroup(WorkerGroup):
         except Exception:  # noqa: BLE001 - demand is advisory
             logger.debug("request_resources failed", exc_info=True)
 
-    def _advance_startups(self) -> None:
+    def hold_new_workers(self, hold: bool) -> None:
+        self._hold_new = hold
+
+    def _advance_startups(self) -> int:
+        """Note placed node groups and workers done starting; start workers in empty or dead slots (unless
+        held back); return how many were started."""
+        started = 0
         for node in self.nodes.values():
             if node.node_id in self._drains:  # no new workers on a node that is going away
                 continue
@@ -236,8 +243,9 @@ class RayWorkerGroup(WorkerGroup):
                     continue
                 node.placed = True
             for index, slot in enumerate(node.slots):
-                if slot is None or slot.status == DEAD:
+                if not self._hold_new and (slot is None or slot.status == DEAD):
                     node.slots[index] = self._start_slot(node, index)
+                    started += 1
             starting = {s.ready_ref: s for s in node.slots if s is not None and s.status == STARTING}
             if starting:
                 done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
@@ -253,6 +261,7 @@ class RayWorkerGroup(WorkerGroup):
                     except RayError:
                         logger.warning("worker %s failed to start", slot.worker_id, exc_info=True)
                         slot.status = DEAD
+        return started
 
     def _start_slot(self, node: _Node, index: int) -> _Slot:
         # Numbered across the whole group: node ids may share their first characters (the autoscaler's

@@ -109,6 +109,8 @@ class FakeWorkerGroup(WorkerGroup):
         self.pulse_checks: list[str] = []
         self._stack_reports: list[StackReport] = []
         self.refreshes = 0
+        self.replacements_started: list[tuple[str, float]] = []  # (worker id, when)
+        self.holding_new = False
         self.shut_down = False
         self.draining: dict[str, DrainNotice] = {}
         self.handovers: list[tuple[str, str]] = []
@@ -250,13 +252,20 @@ class FakeWorkerGroup(WorkerGroup):
         return worker.status == "ready" and now >= worker.ready_at
 
     # -- WorkerGroup -----------------------------------------------------------------------------------
-    def refresh(self, now: float) -> None:
-        """Start a replacement for every dead worker of a node that is still there."""
+    def refresh(self, now: float) -> int:
+        """Start a replacement for every dead worker of a node that is still there (unless held back)."""
         self.refreshes += 1
+        started = 0
         for node_id, workers in self.nodes.items():
             for index, worker in enumerate(workers):
-                if worker.status == "dead" and node_id not in self.draining:
+                if not self.holding_new and worker.status == "dead" and node_id not in self.draining:
                     workers[index] = self._new_worker(node_id, index, now + self.replace_s)
+                    self.replacements_started.append((workers[index].worker_id, now))
+                    started += 1
+        return started
+
+    def hold_new_workers(self, hold: bool) -> None:
+        self.holding_new = hold
 
     def ready_groups(self) -> list[NodeGroup]:
         now = self.clock()

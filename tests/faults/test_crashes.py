@@ -113,6 +113,42 @@ def test_row2_sigkill_of_a_worker_costs_one_restart(cluster, no_leaks, trace, fi
     no_leaks(result.worker_pids, ports=trace.ports())
 
 
+def test_a_killed_workers_replacement_starts_once_the_survivors_commit(cluster, no_leaks, trace, tmp_path):
+    """A worker is SIGKILLed; in the restart round rank 0 waits at a gate before its first step. No new worker
+    process starts beside the survivors' recovery: the dead one's replacement starts after their first
+    commit, then joins at a commit."""
+    ensure_nodes(cluster, 4)
+    gate = tmp_path / "gate"
+    gate.touch()
+    config = {"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
+              "gate": {"path": str(gate), "rank": 0, "restart_count": 1}}
+    run = BackgroundRun(tmp_path, ddp_train, config=config, min_nodes=2, max_nodes=3, max_restarts=1,
+                        replacement_wait_s=60.0, join_debounce_s=0.0)
+    run.wait_for("round_formed", world_size=3)
+    rank0 = trace.wait_for_step(trace.commits()[-1].step + 3 if trace.commits() else 3, alive=run.alive)
+    victim = next(pid for pid in trace.commits_by_process() if pid != rank0.pid)
+    full_rounds = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == 3)
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    shrunk = run.wait_for("round_formed", world_size=2, cause="restart")
+    time.sleep(5.0)  # a replacement's start takes ~3 s here: it would be ready by now if it had started
+    early = [e["kind"] for e in run.events() if e["kind"] in ("workers_started", "node_ready")
+             and e["time"] > killed_at]
+    assert early == [], "a new worker started beside the survivors' recovery:\n" + "\n".join(
+        f"{e['kind']} {e['message']} {e['time'] - killed_at:+.2f}s" for e in run.events())
+    opened_at = time.time()
+    gate.unlink()
+    grown = run.wait_for("round_formed", count=full_rounds + 1, world_size=3, timeout_s=120)
+    trace.stop_at(trace.wait_for_round_commits(grown["round_id"], steps=2, alive=run.alive).step + 2)
+    result = run.join()
+    [started] = [e for e in result.events if e.kind == "workers_started"]
+    assert f"the survivors made progress in round {shrunk['round_id']}" in started.message
+    assert started.data["started"] == 1 and started.time > opened_at
+    assert result.restarts == 1 and trace.redone() == 0
+    assert victim not in {v["pid"] for v in result.return_values}
+    no_leaks(result.worker_pids, ports=trace.ports())
+
+
 def test_row3_stopped_rank_is_left_behind_as_silent_and_a_woken_one_cannot_rejoin(cluster, no_leaks, trace, figures,
                                                                                    tmp_path):
     """Two hangs (SIGSTOP of the worker process): a stopped process answers neither probes nor its

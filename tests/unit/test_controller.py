@@ -480,11 +480,12 @@ def test_a_replacement_for_a_lost_node_joins_without_the_debounce():
     controller, group = make(nodes=3, max_nodes=3, join_debounce_s=5.0)
     run_round(controller, group, 0)
     group.die(group.plans[0].worker_ids[-1])
-    run_round(controller, group, 1)  # the survivors go on; the dead worker's replacement starts
+    run_round(controller, group, 1)  # the survivors go on; the dead worker's replacement starts once they move
     assert len(group.plans[1].groups) == 2
+    group.progress(group.member(0), step=1)
     started = group.clock()
     step_until(controller, lambda: group.stops == [1])
-    # the fake starts a replacement at a node poll (every 1 s); the debounce would add 5 s
+    # the replacement starts at the next probe (every 0.5 s) and is ready at once; the debounce would add 5 s
     assert group.clock() - started < 2.0, "the replacement waited out the debounce"
     run_round(controller, group, 2)
     assert len(group.plans[2].groups) == 3
@@ -500,6 +501,60 @@ def test_members_that_do_not_stop_at_once_keep_the_round_running():
         controller.step()
     assert isinstance(controller.state, Running) and group.stops == [0], "asked once"
     group.stop(group.member(0))
+    run_round(controller, group, 1)
+    assert len(group.plans[1].groups) == 2
+
+
+# -- new workers after a failure ----------------------------------------------------------------------------
+def lose_a_worker(replacement_wait_s: float = 3.0) -> tuple[Controller, FakeWorkerGroup, float]:
+    """Three nodes running; the last one's worker dies; the survivors form round 1. Returns the death time."""
+    controller, group = make(nodes=3, min_nodes=2, replacement_wait_s=replacement_wait_s, join_debounce_s=0.0)
+    run_round(controller, group, 0)
+    died_at = group.clock()
+    group.die(group.plans[0].worker_ids[-1])
+    run_round(controller, group, 1)
+    return controller, group, died_at
+
+
+def test_new_workers_wait_for_the_survivors_first_progress_after_a_failure():
+    controller, group, _ = lose_a_worker()
+    for _ in range(20):  # 1 s of the survivors' recovery: nothing starts beside it
+        controller.step()
+    assert group.replacements_started == [] and len(group.plans) == 2
+    moved = group.clock()
+    group.progress(group.member(1), step=5)
+    step_until(controller, lambda: group.replacements_started != [])
+    [(replacement, at)] = group.replacements_started
+    assert replacement == "node-0003/0~1" and at - moved <= 0.5 + 0.05, "started at the next probe"
+    [started] = events(controller, "workers_started")
+    assert "the survivors made progress in round 1" in started.message and started.data["started"] == 1
+    run_round(controller, group, 2)
+    assert len(group.plans[2].groups) == 3 and controller.restarts == 1
+
+
+def test_new_workers_start_after_replacement_wait_s_when_the_survivors_never_move():
+    controller, group, died_at = lose_a_worker(replacement_wait_s=3.0)
+    step_until(controller, lambda: group.replacements_started != [])
+    [(_, at)] = group.replacements_started
+    assert 3.0 <= at - died_at < 3.0 + 0.1
+    assert "replacement_wait_s=3s passed" in events(controller, "workers_started")[0].message
+
+
+def test_new_workers_start_at_once_with_replacement_wait_s_0():
+    controller, group, died_at = lose_a_worker(replacement_wait_s=0.0)
+    step_until(controller, lambda: group.replacements_started != [])
+    assert group.replacements_started[0][1] - died_at < 1.0 + 0.1, "at the next node poll"
+    assert not events(controller, "workers_started"), "nothing was held"
+
+
+def test_below_min_nodes_after_a_failure_new_workers_start_at_once():
+    controller, group = make(nodes=2, min_nodes=2, replacement_wait_s=30.0)
+    run_round(controller, group, 0)
+    died_at = group.clock()
+    group.die(group.member(1))
+    step_until(controller, lambda: group.replacements_started != [])
+    assert group.replacements_started[0][1] - died_at < 0.5, "the run cannot go on without it"
+    assert "the run needs them to go on" in events(controller, "workers_started")[0].message
     run_round(controller, group, 1)
     assert len(group.plans[1].groups) == 2
 
