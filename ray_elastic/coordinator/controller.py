@@ -161,7 +161,7 @@ class Controller(DrainSteps, SilenceMixin):
         self.last_step: dict[str, int | None] = {}
         self._abort_reason: str | None = None
         self._last_refresh = float("-inf")
-        self._failed_at: float | None = None  # the failure whose survivors new workers wait for (`_starts_held`)
+        self._failed_at: float | None = None  # the failure whose survivors new workers wait for (`_release_starts`)
         self._ready_seen: set[str] = set()
         self._last_ready_change = now
         self.drain = drain.DrainTracker()
@@ -228,27 +228,28 @@ class Controller(DrainSteps, SilenceMixin):
     def _maybe_refresh(self, now: float) -> None:
         self._drains = dict(self.group.drains(now))
         self._release_drained(now)
-        failed_at = self._failed_at
-        release = self._release_starts(now)
-        if release:
+        released = self._release_starts(now)
+        if released:
             self.group.hold_new_workers(False)
-        if release or now - self._last_refresh >= self.config.node_poll_interval_s:
+        if released or now - self._last_refresh >= self.config.node_poll_interval_s:
             self._last_refresh = now
             started = self.group.refresh(now)
-            if release and started and failed_at is not None:
-                self._emit("workers_started", f"{started} new worker(s) started {now - failed_at:.2f}s after the "
-                           f"failure, once {release}", started=started, waited_s=now - failed_at)
+            if released and started:
+                why, waited_s = released
+                self._emit("workers_started", f"{started} new worker(s) started {waited_s:.2f}s after the failure, "
+                           f"once {why}", started=started, waited_s=waited_s)
         self._note_ready(now)
 
-    def _release_starts(self, now: float) -> str:
+    def _release_starts(self, now: float) -> tuple[str, float] | None:
         """After a failure new worker processes wait, so that their start (Python, Ray, torch: seconds of CPU)
-        does not slow the survivors' recovery on the node they share. Say why the wait ends now, else "".
+        does not slow the survivors' recovery on the node they share. When the wait ends now, say why and how
+        long it was; else None.
 
         It ends when the survivors commit or report in their new round, when the run needs new workers to go
         on (below min_nodes), or `replacement_wait_s` after the failure.
         """
         if self._failed_at is None:
-            return ""
+            return None
         state = self.state
         if isinstance(state, Running) and any(count > 0 for count in state.progress_count.values()):
             reason = f"the survivors made progress in round {state.plan.round_id}"
@@ -257,9 +258,9 @@ class Controller(DrainSteps, SilenceMixin):
         elif now - self._failed_at >= self.config.replacement_wait_s:
             reason = f"replacement_wait_s={self.config.replacement_wait_s:g}s passed"
         else:
-            return ""
-        self._failed_at = None
-        return reason
+            return None
+        waited_s, self._failed_at = now - self._failed_at, None
+        return reason, waited_s
 
     def _note_ready(self, now: float) -> None:
         """Track the ready node groups outside the round (a `node_ready` event for each new one)."""
