@@ -30,6 +30,7 @@ def _noop(config):
         ({"wait_for_nodes_timeout_s": -1}, "wait_for_nodes_timeout_s must be a finite number"),
         ({"abort_timeout_s": float("inf")}, "abort_timeout_s must be a finite number"),
         ({"hang_timeout_s": -5}, "hang_timeout_s must be a finite number"),
+        ({"replacement_wait_s": -1}, "replacement_wait_s must be a finite number"),
         ({"collective_timeout_s": 0}, "collective_timeout_s must be > 0"),
         ({"probe_timeout_s": 0}, "probe_timeout_s must be > 0"),
         ({"hang_timeout_s": 0}, "hang_timeout_s must be > 0"),
