@@ -117,8 +117,8 @@ def main() -> None:
             full = wait_for_event(events_path, "round_formed", done, world_size=3)
             time.sleep(2)
             cluster.kill_node(cluster.nodes[-1], graceful=False)
-            # A replacement node at once: the survivors re-form without the lost one within a second, long
-            # before the new node has started its worker (seconds), which then joins at a commit.
+            # A replacement node at once: the survivors re-form without the lost one within a second. The new
+            # node's worker starts once they have committed (seconds to start), then joins at a commit.
             cluster.add_node()
             shrunk = wait_for_event(events_path, "round_formed", done, after_round=full["round_id"], cause="restart")
             grown = wait_for_event(events_path, "round_formed", done, after_round=shrunk["round_id"], cause="scale-up")
