@@ -130,7 +130,8 @@ def lookup_costs(nodes: int, nproc: int) -> dict[str, float]:
         node_id = f"node-{n:05d}"
         slots: list[_Slot | None] = [_Slot(f"{node_id}-{i}", i, None, None) for i in range(nproc)]
         group.nodes[node_id] = _Node(node_id, None, None, placed=True, slots=slots)  # type: ignore[arg-type]
-    workers = [s.worker_id for node in group.nodes.values() for s in node.slots if s is not None]
+    group._slots = {s.worker_id: s for node in group.nodes.values() for s in node.slots if s is not None}
+    workers = list(group._slots)
     with Timer() as slots:
         for worker_id in workers:  # what one probe round / start_round / request_stop does
             group._slot(worker_id)
