@@ -53,6 +53,11 @@ class FiredFault:
     round_id: int
 
 
+def _time_and_round(fault: float | FiredFault) -> tuple[float, int]:
+    """When a fault fired, and the round it hit (-1 when only its time is known)."""
+    return (fault.wall, fault.round_id) if isinstance(fault, FiredFault) else (fault, -1)
+
+
 class Trace:
     """The committed-step trace of one run (see module docstring)."""
 
@@ -171,7 +176,7 @@ class Trace:
         comes before that round's first commit, so a fired fault, which knows its round, is the safer argument
         (the survivors of a rank killed between its step and its commit still commit that step in its round).
         """
-        fault_time, fault_round = (fault.wall, fault.round_id) if isinstance(fault, FiredFault) else (fault, -1)
+        fault_time, fault_round = _time_and_round(fault)
         commits = self.commits()
         before = [c.round_id for c in commits if c.wall <= fault_time]
         fault_round = max([fault_round, *before])
@@ -179,8 +184,7 @@ class Trace:
 
     def recovery_s(self, fault: float | FiredFault) -> float | None:
         commit = self.first_commit_after(fault)
-        fault_time = fault.wall if isinstance(fault, FiredFault) else fault
-        return None if commit is None else commit.wall - fault_time
+        return None if commit is None else commit.wall - _time_and_round(fault)[0]
 
     def ports(self) -> set[int]:
         """Every store port (MASTER_PORT) the run's rounds used."""
