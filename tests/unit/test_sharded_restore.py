@@ -141,7 +141,11 @@ def _proc(proc: int, port: int, tmp: str, phases=PHASES, hsdp: bool = False) -> 
         items = inspect_items({"model": model, "optimizer": opt})
         checkpoints = ShardedCheckpoints(run_dir, every=1, keep=2)
         store.set_busy(checkpoints.busy)
+        steps_taken: list[int] = []  # a load that runs the optimizer (DCP's warm-up step) does work it throws away
+        hook = opt.register_step_pre_hook(lambda *_, taken=steps_taken: taken.append(1))
         restored = restore(store, items, rank, world, f"node{proc}", torch.device("cpu"), None, checkpoints)
+        hook.remove()
+        assert not steps_taken, f"{phase.name}: restoring ({restored.source}) ran {len(steps_taken)} optimizer step(s)"
         summary = comm.all_gather_objects((restored.source, restored.commit_id, restored.lost), None)
         diff: list[str] = []
         if phase.after:
