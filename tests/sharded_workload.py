@@ -15,14 +15,45 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from typing import Any
 
 import torch
 
 import ray_elastic
 
 
-def _build(width: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The MLP, fully_shard-ed on every rank (HSDP: on a 2 x world/2 mesh where the world is even and >= 4)."""
+def _mlp(width: int) -> torch.nn.Sequential:
+    torch.manual_seed(0)  # every rank shards the same initial model
+    return torch.nn.Sequential(torch.nn.Linear(width, width - 2), torch.nn.Tanh(),
+                               torch.nn.Linear(width - 2, width - 4), torch.nn.Tanh(), torch.nn.Linear(width - 4, 1))
+
+
+def _tensors_digest(tensors: dict) -> Any:  # a hashlib sha256, to be updated further
+    digest = hashlib.sha256()
+    for key, value in sorted(tensors.items()):
+        digest.update(key.encode())
+        digest.update(value.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest
+
+
+def initial_digest(width: int) -> str:
+    """sha256 of the weights `_build` initialises (computed without a group)."""
+    return _tensors_digest(_mlp(width).state_dict()).hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of the gathered model weights, as `initial_digest` (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return _tensors_digest(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))).hexdigest()
+
+
+def _build(width: int, hsdp: bool = False, meta: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The MLP, fully_shard-ed on every rank (HSDP: on a 2 x world/2 mesh where the world is even and >= 4).
+
+    `meta`: built on the meta device and its shards allocated uninitialised (`to_empty`), as FSDP2 users build
+    models that a checkpoint will fill; `fsdp_train` initialises it only when `State` restored nothing.
+    """
     from torch.distributed.fsdp import fully_shard
 
     mesh = None
@@ -32,14 +63,25 @@ def _build(width: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim
         world = ray_elastic.get_context().world_size
         shape = (2, world // 2) if world >= 4 and world % 2 == 0 else (1, world)
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
-    torch.manual_seed(0)  # every rank shards the same initial model
-    model = torch.nn.Sequential(torch.nn.Linear(width, width - 2), torch.nn.Tanh(),
-                                torch.nn.Linear(width - 2, width - 4), torch.nn.Tanh(), torch.nn.Linear(width - 4, 1))
+    if meta:
+        with torch.device("meta"):
+            model = _mlp(width)
+    else:
+        model = _mlp(width)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if meta:
+        model.to_empty(device="cpu")
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _initialise(model: torch.nn.Module, width: int) -> None:
+    """Load `_mlp`'s initial weights into a model built on the meta device (each rank keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, _mlp(width).state_dict(), options=StateDictOptions(full_state_dict=True))
 
 
 def full_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
@@ -47,10 +89,7 @@ def full_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
-    digest = hashlib.sha256()
-    for key, value in sorted(get_model_state_dict(model, options=options).items()):
-        digest.update(key.encode())
-        digest.update(value.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = _tensors_digest(get_model_state_dict(model, options=options))
     state = get_optimizer_state_dict(model, opt, options=options)["state"]
     for fqn in sorted(state):
         for key, value in sorted(state[fqn].items()):
@@ -80,11 +119,18 @@ def _log_commit(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, t
 
 
 def fsdp_train(config: dict) -> dict:
-    """config: steps, trace_dir, sleep_s, width, hsdp, faults (FaultInjector, checked at the top of each step)."""
+    """config: steps, trace_dir, sleep_s, width, hsdp, meta_init (build on the meta device: `_build`), faults
+    (FaultInjector, checked at the top of each step)."""
     ctx = ray_elastic.get_context()
     trace_dir = config["trace_dir"]
-    model, opt = _build(config.get("width", 9), config.get("hsdp", False))
+    meta = config.get("meta_init", False)
+    model, opt = _build(config.get("width", 9), config.get("hsdp", False), meta)
     state = ray_elastic.State(model=model, optimizer=opt, step=0, log=[])
+    if meta and state.restored_from == "fresh":  # nothing committed: initialise, as `_build` does without meta
+        _initialise(model, config.get("width", 9))
+        digest = model_digest(model)
+        if ctx.rank == 0:
+            _append(os.path.join(trace_dir, "digests.log"), f"init {ctx.round_id} {digest}")
     _append(os.path.join(trace_dir, "members.log"),
             f"{ctx.round_id} {ctx.rank} {ctx.node_id} {os.getpid()} {state.restored_from}")
     if state.restored_from != "fresh":
@@ -139,6 +185,14 @@ def read_restores(trace_dir: str) -> list[dict]:
             restores.append({"round": int(parts[1]), "step": step, "digest": parts[3], "source": parts[4],
                              "committed": commits.get(step)})
     return restores
+
+
+def read_inits(trace_dir: str) -> list[str]:
+    """The digests rank 0 logged right after initialising a meta-built model (one per fresh start)."""
+    path = os.path.join(trace_dir, "digests.log")
+    if not os.path.exists(path):
+        return []
+    return [line.split()[2] for line in open(path, encoding="utf-8").read().splitlines() if line.startswith("init ")]
 
 
 def read_members(trace_dir: str) -> list[dict]:

@@ -54,11 +54,12 @@ def main() -> None:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = {"width": args.width, "batch": args.batch}
-    model, opt = build(args.width, args.depth, replicate=args.replicate)
+    root = args.checkpoint_dir
+    latest = latest_checkpoint(root) if root else None
+    model, opt = build(args.width, args.depth, replicate=args.replicate, init=latest is None)
     x = batch(cfg, rank)
     step = 0
-    root = args.checkpoint_dir
-    if root and (latest := latest_checkpoint(root)) is not None:
+    if latest is not None:
         step = dcp_load(model, opt, latest)
     log = StepLog(args.log_dir, rank, world, f"t{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     log.enter(step)

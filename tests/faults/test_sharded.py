@@ -18,7 +18,14 @@ from ray_elastic.testing import FaultInjector
 from ray_elastic.testing.faults import request_fault
 from tests.cluster.background import BackgroundRun
 from tests.faults.matrix import detection_s, ensure_nodes
-from tests.sharded_workload import checkpoint_digest, fsdp_train, read_members, read_restores
+from tests.sharded_workload import (
+    checkpoint_digest,
+    fsdp_train,
+    initial_digest,
+    read_inits,
+    read_members,
+    read_restores,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -43,7 +50,8 @@ def _trained_at(run, trace, world_size: int, steps: int) -> dict:
     return formed
 
 
-def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, hsdp: bool = False, **run_kwargs):
+def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, hsdp: bool = False, meta_init: bool = False,
+                    **run_kwargs):
     """A run of fsdp_train on `nodes` nodes (min one less), trained 2 steps at full size, and rank `victim` told
     to SIGKILL itself at its next fault check (right after a commit returned). Returns the run, the full-size
     round_formed event, and how many scale-ups to full size came before the kill (it may start one node short)."""
@@ -52,7 +60,7 @@ def _kill_ready_run(cluster, trace, tmp_path, nodes: int, victim: int, hsdp: boo
     triggers.mkdir()
     faults = FaultInjector(log_path=trace.faults_log, trigger_dir=str(triggers))
     run = BackgroundRun(tmp_path, fsdp_train, config={"steps": 10_000, "sleep_s": 0.05, "trace_dir": str(trace.dir),
-                                                      "faults": faults, "hsdp": hsdp},
+                                                      "faults": faults, "hsdp": hsdp, "meta_init": meta_init},
                         min_nodes=nodes - 1, max_nodes=nodes, max_restarts=1, **run_kwargs)
     formed = _trained_at(run, trace, world_size=nodes, steps=2)
     grown_before = sum(1 for e in run.events() if e["kind"] == "round_formed" and e["data"]["world_size"] == nodes
@@ -67,8 +75,10 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
     of rank 2 exists only in the replica it sent inside commit()). The 3 survivors rebuild that commit
     resharded 4 -> 3 from their shards and rank 2's replica; 0 steps redone. Its replacement then joins
     (3 -> 4), resharded from memory, the survivors not restarted. HSDP: a 2 x 2 mesh, where rank 2's shard
-    is held by rank 0 (the other replica group) and no replica is sent; 1 x 3 after the loss, 2 x 2 again."""
-    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 4, victim=2, hsdp=hsdp)
+    is held by rank 0 (the other replica group) and no replica is sent; 1 x 3 after the loss, 2 x 2 again.
+    FSDP2 builds the model on the meta device (allocated uninitialised, initialised only when State restored
+    nothing), so every restore loads into shards that held no weights."""
+    run, formed, grown_before = _kill_ready_run(cluster, trace, tmp_path, 4, victim=2, hsdp=hsdp, meta_init=not hsdp)
     shrunk = run.wait_for("round_formed", world_size=3, cause="restart")
     grown = run.wait_for("round_formed", count=grown_before + 1, world_size=4, cause="scale-up", timeout_s=120)
     steps = trace.stop_at(trace.commits()[-1].step + 8)
@@ -88,6 +98,8 @@ def test_rows_19_and_21_sigkill_then_node_join_resharded_in_memory(cluster, no_l
         (shrink_round, "memory", kill.step)], restores
     assert grow_round in [r["round"] for r in restores], "the scale-up round restored too"
     _exact(restores)
+    if not hsdp:
+        assert read_inits(str(trace.dir)) == [initial_digest(9)], "initialised once, as an eager build"
     members = read_members(str(trace.dir))
     assert all(m["source"] == "memory" for m in members if m["round"] == shrink_round), ("3 survivors, from memory",
                                                                                           members)
@@ -189,16 +201,18 @@ def test_a_rank_killed_for_staying_in_an_aborted_round_gives_its_shards_to_a_sur
 def test_resume_at_a_different_world_size_loads_the_sharded_checkpoint_resharded(cluster, no_leaks, trace, tmp_path):
     ensure_nodes(cluster, 3)
     storage, name = str(tmp_path / "storage"), f"sharded-resume-{time.time_ns()}"
-    first = ray_elastic.run(fsdp_train, config={"steps": 5, "trace_dir": str(trace.dir)}, min_nodes=2,
+    config = {"trace_dir": str(trace.dir), "meta_init": True}  # built on the meta device, initialised when fresh
+    first = ray_elastic.run(fsdp_train, config={**config, "steps": 5}, min_nodes=2,
                             storage_path=storage, name=name, checkpoint_every=1, progress="none")
     assert [v["world_size"] for v in first.return_values] == [2, 2]
     newest = Checkpointer(tmp_path / "storage" / name).complete_checkpoints()[-1]
     assert newest.name == "checkpoint_000000004", "the last commit was written before the run returned"
-    second = ray_elastic.run(fsdp_train, config={"steps": 8, "trace_dir": str(trace.dir)}, min_nodes=3,
+    second = ray_elastic.run(fsdp_train, config={**config, "steps": 8}, min_nodes=3,
                              storage_path=storage, name=name, resume=True, progress="none")
     restores = read_restores(str(trace.dir))
     assert [(r["step"], r["source"]) for r in restores] == [(5, "storage")]
     _exact(restores)
+    assert read_inits(str(trace.dir)) == [initial_digest(9)], "the first run initialised its meta-built model once"
     assert [v["world_size"] for v in second.return_values] == [3, 3, 3]
     assert all(v["restored_from"] == "storage" for v in second.return_values)
     _check_log(second, 8)
