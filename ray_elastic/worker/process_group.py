@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch.distributed as dist
 
 from ray_elastic.netbind import is_wildcard
+from ray_elastic.worker.sockets import Address, norm, tcp_sockets
 
 logger = logging.getLogger("ray_elastic")
 
@@ -235,17 +235,11 @@ def is_communication_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _COMM_ERROR_MARKERS)
 
 
-Address = tuple[str, int]
 _LISTENERS_KEY = "ray_elastic/gloo_listeners/"
 
 
-def _norm(addr: Any) -> Address:
-    host = str(addr[0])
-    return (host[7:] if host.startswith("::ffff:") else host, int(addr[1]))
-
-
 def _listeners() -> set[Address]:
-    return {_norm(c.laddr) for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    return {s.laddr for s in tcp_sockets() if s.listening}
 
 
 @dataclass(frozen=True)
@@ -264,12 +258,11 @@ def gloo_connections(own: set[Address], peers: set[Address]) -> list[_Conn]:
     """
     own_ports = {port for host, port in own if is_wildcard(host)}
     out = []
-    for c in psutil.Process().net_connections(kind="tcp"):
-        if c.status != psutil.CONN_ESTABLISHED or not c.raddr or c.fd < 0:
+    for s in tcp_sockets():
+        if not s.established or s.raddr is None or s.fd < 0:
             continue
-        laddr, raddr = _norm(c.laddr), _norm(c.raddr)
-        if laddr in own or laddr[1] in own_ports or raddr in peers:
-            out.append(_Conn(c.fd, laddr, raddr))
+        if s.laddr in own or s.laddr[1] in own_ports or s.raddr in peers:
+            out.append(_Conn(s.fd, s.laddr, s.raddr))
     return out
 
 
@@ -304,7 +297,7 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
             with _SEVERING_LOCK:  # a second sever (the abort's, then the training thread's) finds it again
                 fresh = inode not in _SEVERING
                 _SEVERING.add(inode)
-            if fresh and _norm(sock.getsockname()) == conn.laddr and _norm(sock.getpeername()) == conn.raddr:
+            if fresh and norm(sock.getsockname()) == conn.laddr and norm(sock.getpeername()) == conn.raddr:
                 sock.shutdown(socket.SHUT_RD)
                 severed.append((sock, conn.fd))
                 continue
