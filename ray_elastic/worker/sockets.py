@@ -51,8 +51,13 @@ def tcp_sockets() -> list[TcpSocket]:
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
-            sock = socket.socket(fileno=os.dup(fd))
+            copy = os.dup(fd)
         except OSError:  # closed meanwhile
+            continue
+        try:
+            sock = socket.socket(fileno=copy)
+        except (OSError, ValueError):  # a family Python does not know
+            os.close(copy)
             continue
         try:
             found = _describe(fd, sock)
