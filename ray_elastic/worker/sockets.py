@@ -11,6 +11,7 @@ Where that is not available (no `/proc/self/fd` or `TCP_INFO`: not Linux), psuti
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -52,8 +53,10 @@ def tcp_sockets() -> list[TcpSocket]:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
             copy = os.dup(fd)
-        except OSError:  # closed meanwhile
-            continue
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # no descriptor to spare: read the host's table
+                return _from_psutil()
+            continue  # closed meanwhile
         try:
             sock = socket.socket(fileno=copy)
         except (OSError, ValueError):  # a family Python does not know

@@ -55,3 +55,16 @@ def test_the_sockets_read_from_descriptors_are_psutils(open_sockets):
     assert all(by_fd[s.fileno()].laddr == s.getsockname()[:2] for s in listeners)
     assert by_fd[half.fileno()].raddr is not None and not by_fd[half.fileno()].established
     assert sum(1 for s in mine if s.established and s.fd in {m.fileno() for m in made}) >= 4
+
+
+def test_a_process_out_of_descriptors_reads_the_hosts_table(open_sockets, monkeypatch):
+    """No descriptor to copy a socket with: the answer comes from psutil, still complete."""
+    import errno
+    import os
+
+    def no_more(fd):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "dup", no_more)
+    assert _key(tcp_sockets()) == _key(_from_psutil())
+    assert any(s.listening for s in tcp_sockets())
