@@ -403,9 +403,12 @@ class Controller(DrainSteps, SilenceMixin):
             self._record_reports(state.plan, outcome.worker_id, outcome.reports)
 
     def _record_heartbeats(self, state: Running | Restarting, now: float) -> None:
-        """Probe members (every heartbeat_interval_s while running; every step while restarting)."""
+        """Probe members: every heartbeat_interval_s while running; every step while restarting, and while new
+        workers wait for the survivors' first progress (`_release_starts`), which an answer a heartbeat late
+        would hold back by up to twice heartbeat_interval_s (a probe's answer is read at the next probe)."""
         if isinstance(state, Running):
-            if now - self._last_probe < self.config.heartbeat_interval_s:
+            held = self._failed_at is not None
+            if not held and now - self._last_probe < self.config.heartbeat_interval_s:
                 return
             self._last_probe = now
         beats = self._live_answers(state, self.group.probe(state.plan.round_id), now)
