@@ -44,7 +44,9 @@ def norm(addr: Any) -> Address:
 
 def tcp_sockets() -> list[TcpSocket]:
     """Every TCP socket (IPv4 or IPv6) this process holds, listening or connected."""
-    if not (os.path.isdir(_FD_DIR) and hasattr(socket, "TCP_INFO")):
+    if not (os.path.isdir(_FD_DIR) and hasattr(socket, "TCP_INFO")) or socket.getdefaulttimeout() is not None:
+        # With a default timeout set, opening a socket object on a copied descriptor makes the socket
+        # non-blocking, and that flag is shared with the original (gloo's, the store client's).
         return _from_psutil()
     out = []
     for name in os.listdir(_FD_DIR):

@@ -68,3 +68,24 @@ def test_a_process_out_of_descriptors_reads_the_hosts_table(open_sockets, monkey
     monkeypatch.setattr(os, "dup", no_more)
     assert _key(tcp_sockets()) == _key(_from_psutil())
     assert any(s.listening for s in tcp_sockets())
+
+
+def test_a_default_socket_timeout_leaves_every_socket_blocking_as_it_was(open_sockets):
+    """With `socket.setdefaulttimeout` set, a socket object opened on a copy would make the original
+    non-blocking (the flag belongs to the shared open file): the lookup must not open any."""
+    import fcntl
+    import os
+
+    made, _ = open_sockets
+
+    def nonblocking() -> dict[int, bool]:
+        return {s.fileno(): bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK) for s in made}
+
+    before = nonblocking()
+    assert not any(before.values()), "the fixture's sockets are blocking"
+    socket.setdefaulttimeout(5.0)
+    try:
+        assert _key(tcp_sockets()) == _key(_from_psutil())
+    finally:
+        socket.setdefaulttimeout(None)
+    assert nonblocking() == before
