@@ -66,19 +66,28 @@ STRANGER = textwrap.dedent(
         time.sleep(0.01)
     coord_pid, ray_port = (int(x) for x in open(pid_file).read().split())
     coordinator = psutil.Process(coord_pid)
-    stores, writes, external, listeners = {}, {}, {}, set()
+    stores, writes, external, listeners, tries = {}, {}, {}, set(), {}
     while not os.path.exists(stop_file):
         try:
             found = [c.laddr for c in coordinator.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
-        except psutil.Error:
+        except psutil.NoSuchProcess:
+            print("the coordinator is gone", flush=True)
             break
+        except psutil.Error as exc:  # a descriptor closed while it was read: look again
+            tries["psutil"] = tries.get("psutil", 0) + 1
+            if tries["psutil"] <= 3:
+                print(f"reading the coordinator's listeners: {exc!r}", flush=True)
+            time.sleep(0.05)
+            continue
         for ip, port in found:
             listeners.add((ip, port))
-            if port == ray_port or port in stores:
+            if port == ray_port or stores.get(port) is not None or tries.get(port, 0) >= 5:
                 continue
+            tries[port] = tries.get(port, 0) + 1  # not a store, or a store not answering yet: a few tries
             try:
                 stores[port] = dist.TCPStore(ip, port, is_master=False, timeout=datetime.timedelta(seconds=2))
             except Exception as exc:
+                print(f"no store client on {ip}:{port} (try {tries[port]}): {exc!r}"[:300], flush=True)
                 stores[port] = None
                 continue
             if external_ip:
@@ -97,6 +106,7 @@ STRANGER = textwrap.dedent(
                 writes[port] = writes.get(port, 0) + 1
             except Exception:
                 stores[port] = None  # the round ended and its store closed
+                tries[port] = 5
         time.sleep(0.002)
     json.dump({"trap_port": trap_port, "dialled": dialled, "writes": writes, "external": external,
                "listeners": sorted(listeners), "ray_port": ray_port}, open(out_file, "w"))
@@ -133,10 +143,13 @@ def _stores_hit(hits: Path) -> int:
     return len(hits.read_text().split()) if hits.exists() else 0
 
 
-def _wait(condition, what: str, run: BackgroundRun, timeout_s: float = 90.0) -> None:
+def _wait(condition, what: str, run: BackgroundRun, timeout_s: float = 90.0,
+          stranger: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert run.alive(), f"run ended while waiting for {what}: {run.error!r}"
+        if stranger is not None and stranger.poll() is not None:
+            raise AssertionError(f"the stranger exited ({stranger.returncode}) before {what}: {stranger.stdout.read()}")
         assert time.monotonic() < deadline, f"no {what} within {timeout_s}s"
         time.sleep(0.05)
 
@@ -167,10 +180,11 @@ def test_no_wildcard_listener_and_a_stranger_on_the_store_changes_nothing(cluste
         files["pid"].write_text(f"{coordinator['Pid']} {coordinator['Address']['Port']}")
         _wait(lambda: _steps_in_round(trace, 0) >= 3, "steps in round 0", run)
         for round_id in (1, 2):  # two more fresh stores, each attacked from its first moment
-            _wait(lambda r=round_id: _stores_hit(files["hits"]) >= r, f"the stranger in store {round_id}", run)
+            _wait(lambda r=round_id: _stores_hit(files["hits"]) >= r, f"the stranger in store {round_id}", run,
+                  stranger=stranger)
             request_fault(str(triggers), "raise", 1)
             _wait(lambda r=round_id: _steps_in_round(trace, r) >= 3, f"steps in round {round_id}", run)
-        _wait(lambda: _stores_hit(files["hits"]) >= 3, "the stranger in store 3", run)
+        _wait(lambda: _stores_hit(files["hits"]) >= 3, "the stranger in store 3", run, stranger=stranger)
         workers = _run_actors("ElasticWorker")
         assert len(workers) == 2, workers
         seen = {f"worker pid {a['Pid']}": (a["Address"]["Port"], _listeners(a["Pid"])) for a in workers}
@@ -181,6 +195,7 @@ def test_no_wildcard_listener_and_a_stranger_on_the_store_changes_nothing(cluste
     finally:
         files["stop"].write_text("")
         stranger.wait(30)
+        print("the stranger said:", stranger.stdout.read() if stranger.stdout is not None else "")
     report = json.loads(files["out"].read_text())
     print("listeners (Ray's core-worker port, listening addresses):", seen)
     print("stranger:", report)
