@@ -33,7 +33,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ray_elastic.netbind import is_wildcard
-from ray_elastic.worker.sockets import Address, norm, tcp_sockets
+from ray_elastic.worker.sockets import Address, TcpSocket, norm, tcp_sockets
 
 logger = logging.getLogger("ray_elastic")
 
@@ -238,8 +238,8 @@ def is_communication_error(exc: BaseException) -> bool:
 _LISTENERS_KEY = "ray_elastic/gloo_listeners/"
 
 
-def _listeners() -> set[Address]:
-    return {s.laddr for s in tcp_sockets() if s.listening}
+def _listeners(sockets: list[TcpSocket] | None = None) -> set[Address]:
+    return {s.laddr for s in (tcp_sockets() if sockets is None else sockets) if s.listening}
 
 
 @dataclass(frozen=True)
@@ -249,16 +249,18 @@ class _Conn:
     raddr: Address
 
 
-def gloo_connections(own: set[Address], peers: set[Address]) -> list[_Conn]:
+def gloo_connections(own: set[Address], peers: set[Address],
+                     sockets: list[TcpSocket] | None = None) -> list[_Conn]:
     """This process's established TCP connections that belong to gloo.
 
     Args:
         own: the listening addresses gloo opened in this process.
         peers: the listening addresses every rank of the group published (own included).
+        sockets: this process's sockets, if already read (`tcp_sockets()`).
     """
     own_ports = {port for host, port in own if is_wildcard(host)}
     out = []
-    for s in tcp_sockets():
+    for s in tcp_sockets() if sockets is None else sockets:
         if not s.established or s.raddr is None or s.fd < 0:
             continue
         if s.laddr in own or s.laddr[1] in own_ports or s.raddr in peers:
@@ -266,7 +268,8 @@ def gloo_connections(own: set[Address], peers: set[Address]) -> list[_Conn]:
     return out
 
 
-def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
+def shutdown_gloo_connections(own: set[Address], peers: set[Address],
+                              sockets: list[TcpSocket] | None = None) -> int:
     """Shut down every gloo connection of this process (arguments as for `gloo_connections`); how many.
 
     A rank blocked in a collective on one of them raises at once, and so does the peer. In two steps,
@@ -287,7 +290,7 @@ def shutdown_gloo_connections(own: set[Address], peers: set[Address]) -> int:
     read side alone in 47 (on the peer); this in none.
     """
     severed: list[tuple[socket.socket, int]] = []
-    for conn in gloo_connections(own, peers):
+    for conn in gloo_connections(own, peers, sockets):
         try:
             sock = socket.socket(fileno=os.dup(conn.fd))
         except OSError:
@@ -437,7 +440,7 @@ class GroupHandle:
         else:
             create(datetime.timedelta(seconds=timeout_s))
 
-    def _round_listeners(self) -> set[Address]:
+    def _round_listeners(self, sockets: list[TcpSocket] | None = None) -> set[Address]:
         """gloo's listeners of this round: the default group's and those of groups made since (HSDP's sub-groups).
 
         Groups that train_fn creates (`new_group`, `init_device_mesh`) listen on the same interface as the
@@ -445,7 +448,7 @@ class GroupHandle:
         (`learn_peer_listeners`); before that only the connections this process accepted are found.
         """
         hosts = {host for host, _ in self._own}
-        later = {a for a in _listeners() - self._listening_before if a[0] in hosts or is_wildcard(a[0])}
+        later = {a for a in _listeners(sockets) - self._listening_before if a[0] in hosts or is_wildcard(a[0])}
         return self._own | later
 
     def learn_peer_listeners(self) -> None:
@@ -490,7 +493,8 @@ class GroupHandle:
             fail_later_gloo_ops()
             if self.backend != "gloo":
                 return _abort_every_group()
-            return shutdown_gloo_connections(self._round_listeners(), self._peers)
+            sockets = tcp_sockets()  # read once: the round's listeners and gloo's connections both come from it
+            return shutdown_gloo_connections(self._round_listeners(sockets), self._peers, sockets)
 
     def destroy(self) -> None:
         with self._lock:
