@@ -6,7 +6,7 @@ fail at once, on both ranks. A collective still waiting after `--timeout` s (the
 is counted as stuck. Variants, one per trial in turn:
 
 - `ray_elastic`: `GroupHandle.sever()` (the read side at once, the peer's end-of-file later, see
-  `process_group.shutdown_gloo_connections`);
+  `sever.shutdown_gloo_connections`);
 - `both_sides`: `shutdown(SHUT_RDWR)` of every gloo connection at once (ray_elastic's sever until 2026-12-06);
 - `read_side`: `shutdown(SHUT_RD)` only (gloo closes the connection when it reads end-of-file).
 
@@ -31,7 +31,7 @@ VARIANTS = ("ray_elastic", "both_sides", "read_side")
 
 
 def _shut_at_once(group, how: int) -> None:
-    from ray_elastic.worker.process_group import gloo_connections
+    from ray_elastic.worker.sever import gloo_connections
 
     for conn in gloo_connections(group._round_listeners(), group._peers):
         sock = socket.socket(fileno=conn.fd)
@@ -44,7 +44,7 @@ def _shut_at_once(group, how: int) -> None:
 
 
 def _sever(group, variant: str) -> None:
-    from ray_elastic.worker.process_group import fail_later_gloo_ops
+    from ray_elastic.worker.sever import fail_later_gloo_ops
 
     if variant == "ray_elastic":
         group.sever()

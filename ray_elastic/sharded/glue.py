@@ -132,7 +132,7 @@ def _new_gloo_group(session: Any) -> tuple[Any, tuple[set[Any], set[Any]]]:
 
 def _sever(reason: str, addresses: tuple[set[Any], set[Any]]) -> None:
     """On an abort, shut down the host group's connections so a rank blocked in it raises at once."""
-    from ray_elastic.worker.process_group import shutdown_gloo_connections
+    from ray_elastic.worker.sever import shutdown_gloo_connections
 
     if reason == "abort":
         shutdown_gloo_connections(*addresses)

@@ -196,14 +196,14 @@ def _sub_group_accepted_by_rank_1(store: dist.Store, rank: int, result: dict) ->
     how many groups it took, None if none did)."""
     import torch
 
-    from ray_elastic.worker.process_group import _listeners, gloo_connections
+    from ray_elastic.worker.sever import gloo_connections, listening_addresses
 
     for attempt in range(16):
-        before = _listeners()
+        before = listening_addresses()
         sub = dist.new_group([0, 1], backend="gloo")
         dist.all_reduce(torch.ones(1), group=sub)
         if rank == 0:
-            accepted_here = bool(gloo_connections(_listeners() - before, set()))
+            accepted_here = bool(gloo_connections(listening_addresses() - before, set()))
             store.set(f"pick{attempt}", "next" if accepted_here else "use")
         if store.get(f"pick{attempt}") == b"use":
             result["attempts"] = attempt + 1
