@@ -78,6 +78,10 @@ def main() -> None:
         dist.barrier()  # nobody runs ahead of the snapshot: a restart redoes at most one step
         time.sleep(args.sleep)
     dist.destroy_process_group()
+    # torch 2.13: gloo's worker thread frees a collective's record a moment after the collective returns;
+    # freed while the interpreter shuts down, it aborts the process (SIGABRT, "terminate called without an
+    # active exception"), and the launcher sees a failed script. Give it that moment before exiting.
+    time.sleep(0.05)
 
 
 if __name__ == "__main__":

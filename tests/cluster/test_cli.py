@@ -111,15 +111,16 @@ def _check_resumed(snap: Path, steps: int, world_size: int) -> list[int]:
 
 
 def example_wrapper(tmp_path: Path, pace_while: str, on_sigterm_exit_0: bool = False) -> Path:
-    """The example, run unchanged by a wrapper whose `time.sleep` (the per-step pacing) sleeps only while the
-    Python expression `pace_while` is true; optionally exiting 0 on SIGTERM (a common pattern for preemption)."""
+    """The example, run unchanged by a wrapper whose `time.sleep` (the per-step pacing, 0.1 s or more) sleeps only
+    while the Python expression `pace_while` is true (the example's short wait at exit always sleeps);
+    optionally exiting 0 on SIGTERM (a common pattern for preemption)."""
     wrapper = tmp_path / "example_wrapper.py"
     graceful = "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))" if on_sigterm_exit_0 else ""
     wrapper.write_text(f"""
 import os, runpy, signal, sys, time
 {graceful}
 _sleep = time.sleep
-time.sleep = lambda s: _sleep(s) if ({pace_while}) else None
+time.sleep = lambda s: _sleep(s) if s < 0.1 or ({pace_while}) else None
 runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
 """)
     return wrapper
