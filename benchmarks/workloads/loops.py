@@ -91,6 +91,15 @@ def wait_for_turn(turn_file: str | None, system: str, next_step: int, poll_s: fl
         time.sleep(poll_s)
 
 
+def leave_group() -> None:
+    """`destroy_process_group()`, then a moment for gloo's worker thread to free the last collective's record:
+    freed during interpreter shutdown it aborts the process (torch 2.13; README, "CLI")."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    time.sleep(0.05)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
     loss = model(x).pow(2).mean()
     opt.zero_grad(set_to_none=False)

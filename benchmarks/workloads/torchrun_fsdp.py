@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from fsdp_loops import DEFAULTS, batch, build, dcp_load, dcp_save, latest_checkpoint, train_step
-from loops import StepLog, wait_for_turn
+from loops import StepLog, leave_group, wait_for_turn
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
         log.step(step, (time.perf_counter() - started) * 1e3)
         if args.sleep_s:
             time.sleep(args.sleep_s)
-    dist.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

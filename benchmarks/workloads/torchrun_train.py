@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from loops import DEFAULTS, StepLog, make_mlp, train_step, wait_for_turn
+from loops import DEFAULTS, StepLog, leave_group, make_mlp, train_step, wait_for_turn
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         log.step(step, (time.perf_counter() - started) * 1e3)
         if args.sleep_s:
             time.sleep(args.sleep_s)
-    dist.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ ABORTED_OP_TIMEOUT_S = 0.2  # a collective started after a sever fails within th
 
 
 def listening_addresses(sockets: list[TcpSocket] | None = None) -> set[Address]:
+    """The addresses this process listens on (from `sockets` if already read)."""
     return {s.laddr for s in (tcp_sockets() if sockets is None else sockets) if s.listening}
 
 
