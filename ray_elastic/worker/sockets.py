@@ -1,12 +1,14 @@
 """This process's TCP sockets, read from its own descriptors.
 
 The sever and the forming of a gloo group look up which sockets gloo listens on and which
-connections it holds, on the recovery's critical path (three times to form a group, twice to
+connections it holds, on the recovery's critical path (three times to form a group, once to
 sever). psutil answers from the host's whole connection table (`/proc/net/tcp` and `tcp6`
 parsed in Python, plus every descriptor's link): 2.6 ms here with 30 sockets, and it grows with
 every connection on the node. Asking each socket descriptor of this process directly
 (`getsockname`, `getpeername`, the TCP state from `TCP_INFO`) takes 0.13 ms for the same answer.
-Where that is not available (no `/proc/self/fd` or `TCP_INFO`: not Linux), psutil answers.
+psutil still answers where that is not available (no `/proc/self/fd` or `TCP_INFO`: not Linux),
+where the process has no descriptor to spare for the copy, and where a default socket timeout is
+set (a socket object opened on the copy would change the original, see `tcp_sockets`).
 """
 
 from __future__ import annotations
