@@ -1,15 +1,17 @@
 """Sharded state restored across worlds with plain torch.distributed (gloo, no Ray): loss, growth, storage.
 
-Five processes play the ranks of one run through phases, each a new process group
+Six processes play the ranks of one run through phases, each a new process group
 (the same processes, as ray_elastic's survivors are), an FSDP2 MLP with uneven shards
 and Adam:
 
 1. world 4 (procs 0-3) trains and commits; one more step is left uncommitted;
 2. proc 2 is gone: world 3 restores in memory (its shard from a replica), resharded 4 -> 3;
 3. proc 4 joins: world 4 again, the newcomer receives its shards from the survivors;
-4. procs 1 and 3 (old ranks 1 and 2: a shard and its only replica) are gone: world 2
+4. proc 1 is gone and proc 5 joins in the same round: world 4 again, restored in memory with
+   the lost rank's shard from its replica, the survivors' shards moved to their new ranks;
+5. procs 3 and 4 (old ranks 1 and 2: a shard and its only replica) are gone: world 2
    falls back to the durable checkpoint, resharded 4 -> 2, and says which shard was lost;
-5. a new run (empty stores, as `resume=True`) at world 3 loads the same checkpoint.
+6. a new run (empty stores, as `resume=True`) at world 3 loads the same checkpoint.
 
 After each restore the gathered (full) model and optimizer state must equal, bitwise,
 the one gathered right after the last commit of the previous phase.
@@ -51,8 +53,10 @@ PHASES = [
     Phase("p1", [0, 1, 2, 3], "fresh"),
     Phase("p2", [0, 1, 3], "memory", after="p1"),
     Phase("p3", [0, 1, 3, 4], ("memory", "memory", "memory", "peer"), after="p2"),  # the newcomer receives
-    Phase("p4", [0, 4], "storage", after="p3", trains=False),
-    Phase("p5", [0, 2, 4], "storage", after="p3", trains=False, new_run=True),
+    # proc 1 lost and proc 5 joining in the same round: world 4 -> 4, every rank but rank 0 in a new place
+    Phase("p4", [0, 3, 4, 5], ("memory", "memory", "memory", "peer"), after="p3"),
+    Phase("p5", [0, 5], "storage", after="p4", trains=False),
+    Phase("p6", [0, 2, 4], "storage", after="p4", trains=False, new_run=True),
 ]
 # HSDP: a (2, world / 2) replicate x shard mesh where the world is even and >= 4, else one replica group
 HSDP_PHASES = [
@@ -190,11 +194,12 @@ def _run_phases(tmp_path, phases, hsdp: bool) -> dict:
     return results
 
 
-def test_sharded_state_survives_loss_growth_and_double_loss_resharded(tmp_path):
+def test_sharded_state_survives_loss_growth_both_at_once_and_double_loss_resharded(tmp_path):
     results = _run_phases(tmp_path, PHASES, hsdp=False)
     assert results["p2"]["summary"][0][1] == STEPS - 1, "restored the last commit of phase 1"
-    assert results["p4"]["summary"][0][2] == [1], "old rank 1's shard and its only replica (old rank 2) were lost"
-    assert results["p5"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
+    assert results["p4"]["summary"][0][2] == [], "one rank lost with one replica: nothing lost"
+    assert results["p5"]["summary"][0][2] == [1], "old rank 1's shard and its only replica (old rank 2) were lost"
+    assert results["p6"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
 
 
 def test_hsdp_state_survives_loss_growth_reorder_and_a_lost_shard_resharded(tmp_path):
