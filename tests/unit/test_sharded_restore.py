@@ -18,7 +18,8 @@ the one gathered right after the last commit of the previous phase.
 
 The same again with HSDP (a replicate x shard mesh, `HSDP_PHASES`): there the other
 replica group's copy of a lost rank's shard is what restores it, and the mesh changes
-shape from round to round (2 x 2, 1 x 3, 2 x 2 with the ranks in another order).
+shape from round to round (2 x 2, 1 x 3, 2 x 2 with the ranks in another order, then
+a rank lost and a newcomer in its place in one round).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ HSDP_PHASES = [
     Phase("h2", [0, 2, 3], "memory", after="h1"),  # proc 1 gone: its shard from proc 3; 2 shards -> 3
     Phase("h3", [0, 2, 3, 4], ("memory", "memory", "memory", "peer"), after="h2"),  # proc 4 joins: 1 x 3 -> 2 x 2
     Phase("h4", [2, 3, 0, 4], "memory", after="h3"),  # the same mesh with the ranks in another order
-    Phase("h5", [2, 0], "storage", after="h4", trains=False),  # procs 3 and 4, both copies of shard 1, gone
-    Phase("h6", [1, 2, 0], "storage", after="h4", trains=False, new_run=True),
+    # proc 0 (shard 0, copy on proc 2) lost and proc 5 joining in its place in the same round
+    Phase("h5", [2, 3, 5, 4], ("memory", "memory", "peer", "memory"), after="h4"),
+    Phase("h6", [2, 5], "storage", after="h5", trains=False),  # procs 3 and 4, both copies of shard 1, gone
+    Phase("h7", [1, 2, 0], "storage", after="h5", trains=False, new_run=True),
 ]
 STEPS = 2
 
@@ -202,12 +205,13 @@ def test_sharded_state_survives_loss_growth_both_at_once_and_double_loss_reshard
     assert results["p6"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
 
 
-def test_hsdp_state_survives_loss_growth_reorder_and_a_lost_shard_resharded(tmp_path):
+def test_hsdp_state_survives_loss_growth_reorder_both_at_once_and_a_lost_shard_resharded(tmp_path):
     """HSDP: a replica group's copy stands in for a lost rank's shard; meshes change shape (2x2, 1x3, 2x2)."""
     results = _run_phases(tmp_path, HSDP_PHASES, hsdp=True)
     assert results["h2"]["summary"][0][1] == STEPS - 1, "restored the last commit of phase 1"
-    assert results["h5"]["summary"][0][2] == [1], "shard 1 and its copy in the other replica group were lost"
-    assert results["h6"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
+    assert results["h5"]["summary"][0][2] == [], "a lost rank's shard has its copy in the other replica group"
+    assert results["h6"]["summary"][0][2] == [1], "shard 1 and its copy in the other replica group were lost"
+    assert results["h7"]["summary"][0][2] == [], "a resumed run loses nothing: it simply starts from storage"
 
 
 # -- a rank lost inside a commit ------------------------------------------------------------------------
